@@ -1,0 +1,242 @@
+"""Exactly one training epoch and one evaluation, each returning a dict; plus the pieces they need
+(device, precision, optimiser, scheduler, early stopping, seeding)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import augment_batch, normalize, tta_thetas, warp
+from .cli import TrainingError
+from .config import SCHEDULERS, Config
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """The one place runs are seeded."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto`` takes bf16 only where the hardware computes it natively: CPUs without
+    AVX512-BF16/AMX emulate it and run several times slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """Returns (scheduler or None, when): when is 'batch', 'epoch' or 'metric' (plateau)."""
+    s = cfg.scheduler
+    if s == "none":
+        return None, "epoch"
+    if s == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr), "metric"
+    if s == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.cosine_floor), "epoch"
+    if s == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.onecycle_max_lr, total_steps=cfg.epochs * steps_per_epoch,
+            pct_start=cfg.onecycle_pct_start), "batch"
+    if s == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size,
+                                               gamma=cfg.step_gamma), "epoch"
+    raise ValueError(f"unknown scheduler {s!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best val accuracy and its weights; ``patience`` 0 never stops."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def update(self, acc: float, epoch: int, model: nn.Module) -> bool:
+        """Record an epoch; returns True when training should stop."""
+        if acc > self.best:
+            self.best, self.best_epoch, self.bad_epochs = acc, epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True)
+                               for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "best_state": self.best_state}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+class Runtime:
+    """Device, precision and memory format, decided once per run."""
+
+    def __init__(self, cfg: Config):
+        self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        self.cfg = cfg
+
+    def autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 48, 48) uint8 on device -> float in [0, 1], in the run's memory format."""
+        x = x_uint8.float().div_(255.0)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator,
+                    batch_scheduler=None, desc: str = "train") -> dict[str, float]:
+    """One pass over ``images`` (uint8 (N, 1, 48, 48) on the device) in a seeded order."""
+    cfg = rt.cfg
+    model.train()
+    n = len(labels)
+    order = torch.randperm(n, generator=gen).to(rt.device)
+    sync_each_step = rt.device.type == "cpu"  # a host sync is free on the CPU, costly on a GPU
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    finite = torch.ones((), device=rt.device, dtype=torch.bool)
+    t0 = time.perf_counter()
+    bar = tqdm(range(0, n, cfg.batch_size), desc=desc, leave=False, disable=None, unit="batch")
+    for i, start in enumerate(bar):
+        idx = order[start:start + cfg.batch_size]
+        if len(idx) < 2 and n > 1:
+            continue  # BatchNorm cannot train on a batch of one
+        x = rt.to_input(images[idx])
+        y = labels[idx]
+        if cfg.augment:
+            x = augment_batch(x, cfg, gen)
+        x = normalize(x, cfg.normalize)
+        with rt.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        if sync_each_step:
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss.item()} at batch {i} "
+                                    f"(lr {opt.param_groups[0]['lr']:.3g}); lower lr or set "
+                                    f"grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
+            if bar.disable is False and i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / (start + len(idx)):.3f}",
+                                acc=f"{correct.item() / (start + len(idx)):.3f}")
+        else:
+            finite &= torch.isfinite(loss)
+    if not bool(finite):
+        raise TrainingError("the training loss became non-finite during the epoch; lower lr or "
+                            "set grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
+    secs = time.perf_counter() - t0
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "img_per_s": n / secs,
+            "seconds": secs}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = False,
+            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax probabilities (N, 7) on the CPU, and with ``tta`` also their average over the
+    TTA views (the first view is the original, so both come from one pass)."""
+    cfg = rt.cfg
+    model.eval()
+    thetas = tta_thetas(cfg) if tta else None
+    bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
+    plain, averaged = [], []
+    rng = range(0, len(images), bs)
+    for start in tqdm(rng, desc=progress, leave=False, disable=None if progress else True):
+        x = rt.to_input(images[start:start + bs].to(rt.device))
+        with rt.autocast():
+            p = torch.softmax(model(normalize(x, cfg.normalize)).float(), dim=1)
+            plain.append(p.cpu())
+            if thetas is not None:
+                for v in range(1, len(thetas)):
+                    view = warp(x, thetas[v:v + 1].expand(len(x), 2, 3))
+                    p = p + torch.softmax(model(normalize(view, cfg.normalize)).float(), dim=1)
+                averaged.append((p / len(thetas)).cpu())
+    empty = torch.empty(0, 7)
+    return (torch.cat(plain) if plain else empty,
+            (torch.cat(averaged) if averaged else empty) if tta else None)
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    y = labels.cpu()
+    if len(y) == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "probs": probs}
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+    return {"loss": loss, "acc": (probs.argmax(1) == y).float().mean().item(), "probs": probs}
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
+             tta: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and probabilities on one split; with ``tta`` also ``tta`` (the same dict
+    for the TTA-averaged predictions) and the images/s of the whole pass."""
+    t0 = time.perf_counter()
+    plain, averaged = predict(model, images, rt, tta)
+    out = scores(plain, labels)
+    out["img_per_s"] = len(images) * (len(tta_thetas(rt.cfg)) if tta else 1) / max(
+        time.perf_counter() - t0, 1e-9)
+    if tta:
+        out["tta"] = scores(averaged, labels)
+    return out
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]

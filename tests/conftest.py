@@ -1,0 +1,122 @@
+"""Shared fixtures: small generated FER2013 files in every layout, and an isolated MLflow store."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import EMOTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_DATA = Path(os.environ.get("FER_DEV_DATA", ROOT.parent / "shared" / "data" /
+                               "fer2013-dev.csv.gz"))
+# Per class and usage: enough rows that a stratified 80/20 split has every class on both sides.
+COUNTS = {"Training": 10, "PublicTest": 3, "PrivateTest": 2}
+
+
+def make_faces(per_usage: dict[str, int] = COUNTS, seed: int = 0, classes=range(7)):
+    """Images with a class-dependent pattern (so a net can learn something), labels, usages."""
+    rng = np.random.default_rng(seed)
+    images, labels, usage = [], [], []
+    yy, xx = np.mgrid[0:48, 0:48]
+    for u, n in per_usage.items():
+        for c in classes:
+            for _ in range(n):
+                base = 40 + 25 * c + 30 * np.sin((xx + 3 * c) / (3 + c))
+                img = np.clip(base + rng.normal(0, 12, (48, 48)), 0, 255).astype(np.uint8)
+                images.append(img)
+                labels.append(c)
+                usage.append(u)
+    return np.stack(images), np.array(labels), np.array(usage)
+
+
+def csv_text(images, labels, usage, layout: str = "kaggle") -> str:
+    pix = [" ".join(map(str, im.ravel())) for im in images]
+    if layout == "icml":
+        rows = ["emotion, Usage, pixels"] + [f"{l}, {u}, {p}" for l, u, p in
+                                             zip(labels, usage, pix)]
+    else:
+        rows = ["emotion,pixels,Usage"] + [f"{l},{p},{u}" for l, p, u in zip(labels, pix, usage)]
+    return "\n".join(rows) + "\n"
+
+
+def write_folder(root: Path, images, labels, usage) -> Path:
+    from PIL import Image
+
+    counter = 0
+    for im, l, u in zip(images, labels, usage):
+        split = "train" if u == "Training" else "test"
+        d = root / split / EMOTIONS[l]
+        d.mkdir(parents=True, exist_ok=True)
+        # PNG keeps pixels exact, so the folder edition must equal the CSV one.
+        Image.fromarray(im).save(d / f"{u}_{counter:05d}.png")
+        counter += 1
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test gets its own working directory, MLflow store, parse cache and checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    while mlflow.active_run():
+        mlflow.end_run()
+    yield tmp_path
+
+
+@pytest.fixture
+def faces():
+    return make_faces()
+
+
+@pytest.fixture
+def kaggle_csv(tmp_path, faces) -> Path:
+    p = tmp_path / "fer2013.csv"
+    p.write_text(csv_text(*faces))
+    return p
+
+
+@pytest.fixture
+def kaggle_gz(tmp_path, faces) -> Path:
+    p = tmp_path / "fer2013.csv.gz"
+    p.write_bytes(gzip.compress(csv_text(*faces).encode()))
+    return p
+
+
+@pytest.fixture
+def icml_csv(tmp_path, faces) -> Path:
+    p = tmp_path / "icml_face_data.csv"
+    p.write_text(csv_text(*faces, layout="icml"))
+    return p
+
+
+@pytest.fixture
+def image_folder(tmp_path, faces) -> Path:
+    return write_folder(tmp_path / "fer_images", *faces)
+
+
+@pytest.fixture
+def dev_data() -> Path:
+    if not DEV_DATA.exists():
+        pytest.skip(f"{DEV_DATA} not present")
+    return DEV_DATA
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, cwd: Path | None = None):
+    import subprocess
+    import sys
+
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=900)

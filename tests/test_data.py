@@ -1,0 +1,180 @@
+"""Loading FER2013 in every layout, the parse cache, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data as fer
+from tests.conftest import COUNTS, csv_text, make_faces, run_cli
+
+
+def test_three_layouts_give_identical_arrays(kaggle_csv, kaggle_gz, icml_csv, image_folder, faces):
+    images, labels, usage = faces
+    by_row = np.lexsort((labels, usage))  # the folder edition comes back sorted by path
+    for path in (kaggle_csv, kaggle_gz, icml_csv):
+        d = fer.load(path)
+        assert d.images.dtype == np.uint8 and d.images.shape == (len(labels), 48, 48)
+        np.testing.assert_array_equal(d.images, images)
+        np.testing.assert_array_equal(d.labels, labels)
+        assert list(d.usage) == list(usage)
+    f = fer.load(image_folder)
+    order = np.lexsort((f.labels, f.usage))
+    np.testing.assert_array_equal(f.images[order], images[by_row])
+    np.testing.assert_array_equal(f.labels[order], labels[by_row])
+    assert sorted(set(f.usage)) == ["PrivateTest", "PublicTest", "Training"]
+
+
+def test_parse_handles_all_widths_and_extra_spaces():
+    rows = [b" ".join(str(v).encode() for v in np.arange(2304) % 256),
+            b"  " + b"  ".join(b"7" for _ in range(2304)) + b" "]
+    out = fer.parse_pixels(rows)
+    np.testing.assert_array_equal(out[0].ravel(), np.arange(2304) % 256)
+    assert (out[1] == 7).all()
+
+
+def test_cache_hit_skips_parsing(kaggle_csv, monkeypatch):
+    first = fer.load(kaggle_csv)
+    assert list(fer.cache_dir().glob("*.npz"))
+
+    def boom(*a, **k):
+        raise AssertionError("parsed again despite a cache entry")
+
+    monkeypatch.setattr(fer, "_load_csv", boom)
+    again = fer.load(kaggle_csv)
+    np.testing.assert_array_equal(again.images, first.images)
+    assert again.digest == first.digest
+
+
+def test_changed_file_is_never_served_stale(kaggle_csv):
+    first = fer.load(kaggle_csv)
+    images, labels, usage = make_faces(seed=1)
+    labels = (labels + 1) % 7
+    kaggle_csv.write_text(csv_text(images, labels, usage))
+    second = fer.load(kaggle_csv)
+    assert second.digest != first.digest
+    np.testing.assert_array_equal(second.labels, labels)
+    np.testing.assert_array_equal(second.images, images)
+
+
+def test_damaged_cache_is_a_miss(kaggle_csv):
+    fer.load(kaggle_csv)
+    (entry,) = fer.cache_dir().glob("*.npz")
+    entry.write_bytes(b"not an npz")
+    d = fer.load(kaggle_csv)
+    assert len(d) == 7 * sum(COUNTS.values())
+
+
+def _row(label="3", pixels=None, usage="Training"):
+    pixels = pixels if pixels is not None else " ".join(["128"] * 2304)
+    return f"{label},{pixels},{usage}"
+
+
+GOOD = _row()
+BAD_CASES = {
+    "short_row": (_row(pixels=" ".join(["1"] * 2303)), ["line 3", "2303 pixel values", "2304"]),
+    "non_numeric": (_row(pixels=" ".join(["1"] * 2000 + ["abc"] + ["1"] * 303)),
+                    ["line 3", "'abc'", "not an integer"]),
+    "out_of_range": (_row(pixels=" ".join(["1"] * 10 + ["256"] + ["1"] * 2293)),
+                     ["line 3", "'256'", "0..255"]),
+    "negative": (_row(pixels=" ".join(["-4"] + ["1"] * 2303)), ["line 3", "'-4'"]),
+    "huge": (_row(pixels=" ".join(["1"] * 5 + ["99999"] + ["1"] * 2298)), ["line 3", "'99999'"]),
+    "bad_label": (_row(label="9"), ["line 3", "emotion '9'", "0..6"]),
+    "text_label": (_row(label="happy"), ["line 3", "'happy'"]),
+    "empty_usage": (_row(usage=""), ["line 3", "empty Usage"]),
+    "too_many_fields": (GOOD + ",extra", ["line 3", "4 fields"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_rows_name_file_line_and_value(tmp_path, case):
+    row, needles = BAD_CASES[case]
+    p = tmp_path / f"{case}.csv"
+    p.write_text(f"emotion,pixels,Usage\n{GOOD}\n{row}\n{GOOD}\n")
+    with pytest.raises(fer.DataError) as e:
+        fer.load(p)
+    msg = str(e.value)
+    assert str(p) in msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    assert not list(fer.cache_dir().glob("*.npz")), "a failed parse must not leave a cache entry"
+
+
+def test_bad_row_in_a_later_chunk_reports_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(fer, "_CHUNK_BYTES", 20_000)  # a few rows per chunk
+    rows = [GOOD] * 40 + [_row(label="7")] + [GOOD] * 5
+    p = tmp_path / "late.csv"
+    p.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    with pytest.raises(fer.DataError, match="line 42: emotion '7'"):
+        fer.load(p)
+
+
+def test_file_level_errors(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(fer.DataError, match="no such file"):
+        fer.load(missing)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(fer.DataError, match="empty"):
+        fer.load(empty)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("emotion,pixels,Usage\n")
+    with pytest.raises(fer.DataError, match="no data rows"):
+        fer.load(header_only)
+    wrong_header = tmp_path / "wrong.csv"
+    wrong_header.write_text("label,image\n3,1 2 3\n")
+    with pytest.raises(fer.DataError, match=r"lacks \['emotion', 'pixels'\]"):
+        fer.load(wrong_header)
+    corrupt = tmp_path / "corrupt.csv.gz"
+    whole = gzip.compress(csv_text(*make_faces()).encode())
+    corrupt.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(fer.DataError, match="corrupt or truncated gzip"):
+        fer.load(corrupt)
+    assert not list(fer.cache_dir().glob("*.npz"))
+
+
+def test_folder_errors(image_folder):
+    bad = next((image_folder / "train" / "happy").iterdir())
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(fer.DataError) as e:
+        fer.load(image_folder)
+    assert str(bad) in str(e.value) and "unreadable image" in str(e.value)
+    bad.unlink()
+    odd = image_folder / "train" / "bored"
+    odd.mkdir()
+    (image_folder / "train" / "happy" / next(iter(sorted(
+        p.name for p in (image_folder / "train" / "happy").iterdir())))).rename(odd / "x.png")
+    with pytest.raises(fer.DataError, match="unknown emotion folder 'bored'"):
+        fer.load(image_folder)
+
+
+def test_folder_resizes_and_greys_colour_images(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs" / "train" / "sad"
+    d.mkdir(parents=True)
+    Image.new("RGB", (96, 96), (200, 10, 10)).save(d / "a.jpg")
+    data = fer.load(tmp_path / "imgs")
+    assert data.images.shape == (1, 48, 48) and data.labels.tolist() == [4]
+    assert data.usage.tolist() == ["Training"]
+
+
+def test_cli_bad_input_is_one_paragraph_without_traceback(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text(f"emotion,pixels,Usage\n{_row(label='x')}\n")
+    r = run_cli("pipeline.split", "--data", str(p))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "line 2" in r.stderr and str(p) in r.stderr.replace("\n", " ")
+
+
+def test_parse_speed_note_on_real_file(dev_data):
+    """The real dev file parses to the documented shape (timings live in pipeline.bench)."""
+    d = fer.load(dev_data, use_cache=False)
+    assert d.images.shape == (32298, 48, 48)
+    assert (d.usage == "Training").sum() == 28709 and (d.usage == "PublicTest").sum() == 3589
+    assert np.bincount(d.labels[d.usage == "Training"]).tolist() == [
+        3995, 436, 4097, 7215, 4830, 3171, 4965]

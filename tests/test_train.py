@@ -1,0 +1,117 @@
+"""Training runs end to end: every stage, resume, NaN handling, the logged model, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline import data as fer
+from pipeline.config import STAGES, build
+from pipeline.evaluate import run_evaluate
+from pipeline.train import train
+from tests.conftest import ROOT, csv_text, make_faces, run_cli
+
+TINY = {"epochs": 1, "width": 0.125, "batch_size": 16}
+
+
+def stage_cfg(stage: str, **over):
+    return build(ROOT / "ablations/stages" / f"{stage}.yaml", {**TINY, **over})
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_one_epoch_of_every_stage(stage, kaggle_csv):
+    data = fer.load(kaggle_csv)
+    out = train(stage_cfg(stage), data, log_model=stage == "improved")
+    run = mlflow.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1",
+                "f1_happy", "train_seconds", "train_img_per_s", "eval_img_per_s"):
+        assert key in m, key
+    assert 0 <= m["val_acc"] <= 1
+    assert run.data.tags["stage"] == stage and "batchnorm=" in run.data.tags["toggles"]
+    hist = mlflow.MlflowClient().get_metric_history(out["run_id"], "val/acc")
+    assert [h.step for h in hist] == [0]
+    arts = {f.path for f in mlflow.MlflowClient().list_artifacts(out["run_id"])}
+    assert {"config.yaml", "learning_curves.png", "confusion_matrix.png",
+            "classification_report.txt", "misclassified.png", "predictions.npz"} <= arts
+
+
+def test_params_have_the_same_keys_in_every_run(kaggle_csv):
+    data = fer.load(kaggle_csv)
+    a = train(stage_cfg("basic"), data, log_model=False)
+    b = train(stage_cfg("resnet"), data, log_model=False)
+    pa, pb = (mlflow.get_run(r["run_id"]).data.params for r in (a, b))
+    assert set(pa) == set(pb) and pa["stage"] != pb["stage"]
+
+
+def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
+    data = fer.load(kaggle_csv)
+    cfg = stage_cfg("advanced", epochs=3)  # plateau scheduler, augmentation, dropout
+    whole = train(cfg, data, log_model=False)
+    part = train(cfg, data, log_model=False, max_epochs=1)
+    assert part.get("interrupted") and part["epochs_run"] == 1
+    resumed = train(cfg, data, log_model=False, resume_run_id=part["run_id"])
+    assert resumed["run_id"] == part["run_id"]
+    for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1"):
+        assert resumed[k] == pytest.approx(whole[k], abs=0), k
+    client = mlflow.MlflowClient()
+    h1 = [m.value for m in client.get_metric_history(whole["run_id"], "train/loss")]
+    h2 = [m.value for m in client.get_metric_history(part["run_id"], "train/loss")]
+    assert h1 == h2 and len(h1) == 3
+
+
+def test_non_finite_loss_fails_the_run_with_a_message(kaggle_csv):
+    r = run_cli("pipeline.train", "--config", str(ROOT / "ablations/stages/basic.yaml"),
+                "--data", str(kaggle_csv), "--set", "lr=.inf epochs=2 width=0.125")
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "loss became" in r.stderr and "Traceback" not in r.stderr
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_cli_json_logged_model_and_evaluate(kaggle_csv, tmp_path):
+    r = run_cli("pipeline.train", "--config", str(ROOT / "ablations/stages/improved.yaml"),
+                "--data", str(kaggle_csv), "--set", "epochs=1 width=0.125")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) >= {"run_id", "model_uri", "val_acc", "test_acc"}
+
+    model = mlflow.pyfunc.load_model(out["model_uri"])
+    batch = np.random.default_rng(0).integers(0, 256, (3, 1, 48, 48)).astype(np.float32)
+    probs = np.asarray(model.predict(batch))
+    assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+    # A file with a Usage of its own and only two of the seven classes.
+    images, labels, usage = make_faces({"Clinic": 4}, seed=3, classes=[0, 3])
+    p = tmp_path / "clinic.csv"
+    p.write_text(csv_text(images, labels, usage))
+    preds = tmp_path / "preds.csv"
+    r = run_cli("pipeline.evaluate", "--model-uri", out["model_uri"], "--data", str(p),
+                "--usage", "Clinic", "--tta", "--json", "--predictions", str(preds))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["usage"] == "Clinic" and res["n"] == 8
+    assert res["per_class"]["disgust"]["support"] == 0 and res["per_class"]["happy"]["support"] == 4
+    assert np.isfinite(res["macro_f1"])
+    import pandas as pd
+
+    table = pd.read_csv(preds)
+    assert len(table) == 8 and {"index", "label", "predicted", "p_neutral"} <= set(table.columns)
+    assert np.allclose(table.filter(like="p_").sum(axis=1), 1, atol=1e-4)
+
+    missing = run_cli("pipeline.evaluate", "--model-uri", out["model_uri"], "--data", str(p),
+                      "--usage", "PrivateTest")
+    assert missing.returncode == 2
+    assert "no rows with Usage 'PrivateTest'" in " ".join(missing.stderr.split())
+
+
+def test_evaluate_matches_training_test_accuracy(kaggle_csv):
+    data = fer.load(kaggle_csv)
+    out = train(stage_cfg("basic"), data)
+    res = run_evaluate(out["model_uri"], str(kaggle_csv), "PublicTest", tta=False)
+    assert res["accuracy"] == pytest.approx(out["test_acc"], abs=1e-6)

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import textwrap
 import warnings
 from typing import Callable
 
@@ -38,6 +37,7 @@ def quiet_libraries() -> None:
     # MLflow and alembic print migrations and hints on every start; keep the terminal for our own
     # progress and results.
     os.environ.setdefault("MLFLOW_ENABLE_PROACTIVE_SYSTEM_METRICS", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
@@ -50,9 +50,8 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     try:
         code = fn(argv)
     except EXPECTED as e:
-        msg = textwrap.fill(f"error: {e}", width=100, break_long_words=False,
-                            break_on_hyphens=False)
-        print(msg, file=sys.stderr)
+        # One line: the terminal wraps it, and grep and logs keep it whole.
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

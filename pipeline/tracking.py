@@ -22,11 +22,26 @@ def setup(experiment: str | None) -> None:
     Under ``mlflow run`` the run and its experiment are already chosen; choosing another one
     would fail, so the name is then ignored.
     """
+    global _EXPERIMENT_NAME
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return
-    mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+    _EXPERIMENT_NAME = experiment or DEFAULT_EXPERIMENT
+    mlflow.set_experiment(_EXPERIMENT_NAME)
+
+
+_EXPERIMENT_NAME = DEFAULT_EXPERIMENT
+
+
+def experiment_id() -> str:
+    """The experiment runs go to: the one `mlflow run` chose, else the one :func:`setup` named."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+    exp = mlflow.get_experiment_by_name(_EXPERIMENT_NAME)
+    return exp.experiment_id if exp else mlflow.set_experiment(_EXPERIMENT_NAME).experiment_id
 
 
 def check_reachable() -> None:

@@ -1,0 +1,215 @@
+"""The ablation study: the smoke grid through `mlflow run`, resume, failures, several workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from pipeline.ablate import load_study, run_ablate
+from pipeline.cli import UsageError
+from tests.conftest import ROOT, run_cli
+
+TINY = {"epochs": 1, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
+        "early_stopping": 0}
+
+
+def mini_study(tmp_path: Path, **toggle_overrides) -> Path:
+    """Three cells (the basic stage, BN added to it two ways) x 2 seeds: seconds per cell."""
+    bn = {"with": {"batchnorm": True}, "without": {"batchnorm": False}}
+    bn.update(toggle_overrides)
+    d = {"reference": "basic", "base": "basic", "ladder": ["basic"], "seeds": 2,
+         "reported": {"basic": 0.57}, "toggles": {"batchnorm": bn, "tta": {"eval_only": True}},
+         "profiles": {"smoke": {"set": TINY, "log_models": False}}}
+    p = tmp_path / "mini.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def child_runs(study_name: str):
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.study = '{study_name}' and tags.cell != ''")
+
+
+@pytest.mark.slow
+def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e",
+                        "ablate", "--env-manager", "local", "-P", f"data={kaggle_csv}",
+                        "-P", "profile=smoke"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = load_study(ROOT / "ablations/study.yaml", "smoke")
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.role = 'study' or tags.study LIKE 'ablate-%'")
+    study_name = next(p.data.tags["study"] for p in parents if "study" in p.data.tags)
+    children = child_runs(study_name)
+    assert len(children) == len(s.cells) * s.seeds
+    parent_ids = {c.data.tags["mlflow.parentRunId"] for c in children}
+    assert len(parent_ids) == 1
+    parent = mlflow.get_run(parent_ids.pop())
+    assert parent.data.tags["study"] == study_name
+    assert len({frozenset(c.data.params) for c in children}) == 1  # same param keys everywhere
+    names = {c.data.tags["mlflow.runName"] for c in children}
+    assert "loo -batchnorm s1" in names and "stage advanced s0" in names
+    report = (tmp_path / "ablation_report" / "report.md").read_text()
+    for t in ("batchnorm", "residual", "augment", "label_smoothing", "grad_clip", "tta"):
+        assert f"| {t} (" in report
+    assert "[" in report.split("## Effects")[1]  # intervals, not bare means
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/forest.png", "report/ladder.png"} <= arts
+
+
+def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
+    study = mini_study(tmp_path)
+    first = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                       "rep")
+    assert first["trained"] == 6 and first["failed"] == 0
+    again = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                       "rep")
+    assert again["trained"] == 0 and again["study"] == first["study"]
+    assert len(child_runs(first["study"])) == 6
+    assert "| batchnorm (added to reference) | 2 |" in again["report"]
+
+
+def test_failing_cell_is_reported_and_the_study_goes_on(kaggle_csv, tmp_path):
+    study = mini_study(tmp_path, **{"with": {"batchnorm": True, "lr": float("inf")}})
+    out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                     "rep")
+    assert out["failed"] == 4 and out["trained"] == 2  # the +batchnorm cells diverge
+    assert "## Missing cells" in out["report"] and "loss became" in out["report"]
+    assert "| basic | 0.57 |" in out["report"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"toggles": {"dropout": {"with": {}, "without": {}}}}, "unknown toggle(s) ['dropout']"),
+    ({"profiles": {"smoke": {"set": {"epochs": "many"}}}}, "epochs='many'"),
+    ({"toggles": {"augment": {"with": {"augment": True}}}}, "needs 'with' and 'without'"),
+])
+def test_bad_study_files_fail_before_training(tmp_path, change, needle):
+    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
+    for k, v in change.items():
+        d[k] = v
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(UsageError) as e:
+        load_study(p, "smoke")
+    assert needle in str(e.value)
+
+
+def test_unknown_profile_and_bad_data_are_clear_errors(kaggle_csv, tmp_path):
+    r = run_cli("pipeline.ablate", "--data", str(kaggle_csv), "--profile", "huge")
+    assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("emotion,pixels,Usage\n3,1 2,Training\n")
+    r = run_cli("pipeline.ablate", "--data", str(bad), "--profile", "smoke")
+    assert r.returncode == 2 and "2 pixel values" in r.stderr
+    assert not (tmp_path / "ablate.db").exists()
+
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg_available() -> bool:
+    try:
+        optuna.storages.RDBStorage(PG)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_mlflow():
+    """A fresh PostgreSQL database as the shared MLflow backend (as a tracking server would
+    use), dropped afterwards with the Optuna studies the test made."""
+    if not _pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    import sqlalchemy
+
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    eng = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    uri = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("workers")  # creates the schema once, before the workers race
+    studies: list[str] = []
+    yield uri, studies
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    for st in studies:
+        try:
+            optuna.delete_study(study_name=st, storage=PG)
+        except KeyError:
+            pass
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    eng.dispose()
+
+
+def _worker(data, study, uri, name, cwd, extra=()):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.ablate", "--data", str(data),
+                             "--study", str(study), "--profile", "smoke", "--storage", PG,
+                             "--study-name", name, "--experiment", "workers", *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_workers_on_postgres_train_each_cell_once(kaggle_csv, tmp_path, pg_mlflow):
+    uri, studies = pg_mlflow
+    study, name = mini_study(tmp_path), f"two-{uuid.uuid4().hex[:8]}"
+    studies.append(name)
+    procs = [_worker(kaggle_csv, study, uri, name, tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = child_runs(name)
+    keys = sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in runs)
+    assert len(keys) == 6 and len(set(keys)) == 6
+    assert all(r.info.status == "FINISHED" for r in runs)
+    trained = [len(re.findall(r"^\[\d+/6\] ", o, re.M)) for o in outs]
+    assert sum(trained) == 6 and all(n > 0 for n in trained)  # both took part
+    st = optuna.load_study(study_name=name, storage=PG)
+    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 6
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_killed_worker_cell_goes_back_to_the_pool(kaggle_csv, tmp_path, pg_mlflow):
+    uri, studies = pg_mlflow
+    study, name = mini_study(tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
+    studies.append(name)
+    a = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])
+    deadline = time.time() + 300
+    st = None
+    while time.time() < deadline:
+        try:
+            st = optuna.load_study(study_name=name, storage=PG)
+            if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    b = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])
+    out = b.communicate(timeout=900)[0]
+    assert b.returncode == 0, out
+    st = optuna.load_study(study_name=name, storage=PG)
+    states = [t.state for t in st.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    assert optuna.trial.TrialState.FAIL in states  # the killed worker's trial, then retried
+    finished = [r for r in child_runs(name) if r.info.status == "FINISHED"]
+    keys = [(r.data.tags["cell"], r.data.tags["seed"]) for r in finished]
+    assert len(keys) == 6 and len(set(keys)) == 6

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ from optuna.trial import TrialState
 from . import data as fer
 from . import plots, stats, tracking
 from .cli import EXPECTED, UsageError, parser, run_main
-from .config import TOGGLES, ConfigError, Config, build, coerce
+from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
 from .train import train
+from .workers import Heartbeat, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "full")
@@ -52,7 +52,7 @@ class Cell:
 @dataclass
 class Study:
     path: Path
-    reference: str
+    reference: str  # a stage name or a config YAML (e.g. the tuner's best_config.yaml)
     base: str
     ladder: list[str]
     seeds: int
@@ -64,8 +64,7 @@ class Study:
     cells: list[Cell] = field(default_factory=list)
 
     def config(self, cell: Cell, seed: int) -> Config:
-        return build(ROOT / "ablations" / "stages" / f"{cell.stage}.yaml",
-                     {**cell.overrides, **self.budget, "seed": seed})
+        return build(config_path(cell.stage), {**cell.overrides, **self.budget, "seed": seed})
 
     def reduced(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.budget.items()) or "none (the study's own settings)"
@@ -130,9 +129,12 @@ def _is_on(cfg: Config, spec: dict) -> bool:
 
 
 def _cells(s: Study) -> list[Cell]:
-    cells = [Cell(f"stage {st}", "stage", st, {}) for st in s.ladder]
-    ref = build(ROOT / "ablations" / "stages" / f"{s.reference}.yaml")
-    base = build(ROOT / "ablations" / "stages" / f"{s.base}.yaml")
+    # The reference and base need their own cells when they are not on the ladder (a tuned
+    # config YAML as the reference, say).
+    names = list(dict.fromkeys([*s.ladder, s.reference, s.base]))
+    cells = [Cell(f"stage {st}", "stage", st, {}) for st in names]
+    ref = build(config_path(s.reference))
+    base = build(config_path(s.base))
     for t, spec in s.toggles.items():
         if spec.get("eval_only"):
             continue
@@ -146,17 +148,6 @@ def _cells(s: Study) -> list[Cell]:
 
 
 # --------------------------------------------------------------------------- the work queue
-
-
-def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True})
-    except Exception as e:  # sqlalchemy/psycopg2 raise many kinds; all mean the same here
-        raise ConnectionError(f"Optuna storage {url} is not usable: "
-                              f"{str(e).splitlines()[0][:300]}") from None
 
 
 def fingerprint(s: Study) -> str:
@@ -211,32 +202,6 @@ def claim(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
             return t
     return None
-
-
-class Heartbeat:
-    """Records the trial's heartbeat from a thread while the cell trains."""
-
-    def __init__(self, storage, trial_id: int, interval: int):
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._beat, args=(storage, trial_id, interval),
-                                   daemon=True)
-
-    def _beat(self, storage, trial_id: int, interval: int) -> None:
-        while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # a missed beat is retried; the grace period covers several
-                pass
-            if self._stop.wait(interval):
-                return
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join(timeout=5)
 
 
 def find_run(study_name: str, cell: str, seed: int, status: str | None = None):

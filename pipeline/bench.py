@@ -16,11 +16,10 @@ import torch.nn.functional as F
 
 from . import data as fer
 from .cli import parser, run_main
-from .config import STAGES, build
+from .config import STAGE_DIR, STAGES, build
 from .engine import Runtime, predict, seed_everything, train_one_epoch
 from .models import build_model
 
-STAGE_DIR = Path(__file__).resolve().parent.parent / "ablations" / "stages"
 
 
 def _images(data: fer.FerData | None, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
 
 
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

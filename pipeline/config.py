@@ -175,6 +175,19 @@ def build(config: str | Path | None = None, overrides: dict[str, Any] | None = N
     return from_dict(d)
 
 
+STAGE_DIR = Path(__file__).resolve().parent.parent / "ablations" / "stages"
+
+
+def config_path(name: str) -> Path:
+    """A stage name (``improved``) or a config YAML path (``tune_report/best_config.yaml``)."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)} or give a "
+                          f"config YAML path.")
+    return STAGE_DIR / f"{name}.yaml"
+
+
 def flatten(cfg: Config) -> dict[str, str]:
     """Params for MLflow: every key, always, so runs compare column by column."""
     return {k: str(v) for k, v in cfg.to_dict().items()}

@@ -240,3 +240,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: R
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class StopRun(Exception):
+    """Raised by an epoch callback to end a run early but cleanly (an Optuna pruning, say);
+    ``state`` is recorded as the run's ``state`` tag."""
+
+    def __init__(self, state: str):
+        super().__init__(state)
+        self.state = state

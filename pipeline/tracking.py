@@ -25,6 +25,7 @@ def setup(experiment: str | None) -> None:
     global _EXPERIMENT_NAME
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    check_reachable()
     if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return
     _EXPERIMENT_NAME = experiment or DEFAULT_EXPERIMENT
@@ -49,11 +50,21 @@ def check_reachable() -> None:
     from mlflow.exceptions import MlflowException
 
     uri = mlflow.get_tracking_uri()
+    # MLflow retries HTTP with backoff for minutes by default; one quick try says enough here.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except (MlflowException, OSError) as e:
         msg = str(e).splitlines()[0][:300]
         raise ConnectionError(f"MLflow tracking store {uri} is not reachable: {msg}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 _GIT: str | None = None

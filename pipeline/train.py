@@ -18,8 +18,8 @@ from . import data as fer
 from . import plots, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
-from .engine import (EarlyStopping, EpochCallback, Runtime, build_optimizer, build_scheduler,
-                     evaluate, seed_everything, train_one_epoch)
+from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, build_optimizer,
+                     build_scheduler, evaluate, seed_everything, train_one_epoch)
 from .models import FerClassifier, build_model, count_params
 
 
@@ -139,7 +139,14 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
                           "train_seconds": train_seconds}, ckpt)
             epochs_this_call += 1
             if on_epoch is not None:
-                on_epoch(epoch, {"val_acc": va["acc"], "train_acc": tr["acc"]})
+                try:
+                    on_epoch(epoch, {"val_acc": va["acc"], "train_acc": tr["acc"]})
+                except StopRun as e:
+                    mlflow.set_tag("state", e.state)
+                    mlflow.log_metric("val_acc", stopper.best)
+                    ckpt.unlink(missing_ok=True)
+                    return {"run_id": run_id, "stopped": e.state, "epochs_run": len(history),
+                            "val_acc": stopper.best}
         if not stopped and history and len(history) < cfg.epochs:
             return {"run_id": run_id, "interrupted": True, "epochs_run": len(history)}
 
@@ -147,6 +154,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
             model.load_state_dict(stopper.best_state)  # select on validation
         result = _finish(model, cfg, rt, data, split, xva, yva, xte, yte, history,
                          train_seconds, stopper, log_model)
+        mlflow.set_tag("state", "complete")
         ckpt.unlink(missing_ok=True)
     return {"run_id": run_id, **result}
 

@@ -1,0 +1,182 @@
+"""The Optuna search: nested runs, best config, plots, resume to N, pruning, failures, workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipeline.cli import UsageError
+from pipeline.config import build
+from pipeline.tune import Space, counted, run_tune
+from tests.conftest import ROOT, run_cli
+from tests.test_ablate import PG, pg_mlflow  # noqa: F401  (fixture)
+
+TINY = {"epochs": 2, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
+        "early_stopping": 0}
+
+
+def space_file(tmp_path: Path, **changes) -> Path:
+    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
+    d["base"] = "basic"  # the smallest net: trials take seconds
+    d["profiles"] = {"smoke": {"set": TINY, "retrain": TINY}}
+    d.update(changes)
+    p = tmp_path / f"space_{uuid.uuid4().hex[:6]}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def trial_runs(study: str):
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.study = '{study}' and tags.role = 'trial'")
+
+
+def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path):
+    s = run_tune(str(kaggle_csv), str(space_file(tmp_path)), 4, "sqlite:///t.db", None,
+                 "smoke", out_dir="rep")
+    assert s["n_finished"] == 4 and s["n_complete"] >= 1
+    runs = trial_runs(s["study"])
+    assert len(runs) == 4
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    assert {r.data.tags["state"] for r in runs} <= {"complete", "pruned"}
+    parent = parents.pop()
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent)}
+    assert {"best_config.yaml", "optimization_history.png", "param_importances.png",
+            "trials.csv"} <= arts
+    cfg = build(Path("rep/best_config.yaml"))  # train --config accepts it
+    assert cfg.scheduler == s["best_params"]["scheduler"] and cfg.stage == "basic"
+    assert "test_acc" not in mlflow.get_run(parent).data.metrics  # selection never sees test
+
+
+def test_resume_up_to_n(kaggle_csv, tmp_path):
+    sp = space_file(tmp_path)
+    first = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "resume", "smoke")
+    assert first["n_finished"] == 2
+    second = run_tune(str(kaggle_csv), str(sp), 3, "sqlite:///t.db", "resume", "smoke")
+    assert second["n_finished"] == 3
+    assert sum(second["this_worker"].values()) == 1
+    again = run_tune(str(kaggle_csv), str(sp), 3, "sqlite:///t.db", "resume", "smoke")
+    assert sum(again["this_worker"].values()) == 0 and len(trial_runs("resume")) == 3
+
+
+def test_pruned_trial(kaggle_csv, tmp_path):
+    # Every trial below 99% val accuracy after its first epoch is pruned.
+    sp = space_file(tmp_path, pruner={"name": "threshold", "lower": 0.99, "n_warmup_steps": 0})
+    s = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "prune", "smoke")
+    assert s["n_pruned"] == 2 and s["n_complete"] == 0
+    runs = trial_runs("prune")
+    assert [r.data.tags["state"] for r in runs] == ["pruned", "pruned"]
+    assert all(len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val/acc")) == 1
+               for r in runs)
+
+
+def test_failing_trial_does_not_stop_the_study(kaggle_csv, tmp_path):
+    space = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())["space"]
+    space["lr"] = {"type": "float", "low": 1e20, "high": 1e21, "log": True}
+    space["scheduler"] = {"type": "categorical", "choices": {"plateau": {}}}  # onecycle sets its own lr
+    s = run_tune(str(kaggle_csv), str(space_file(tmp_path, space=space)), 2, "sqlite:///t.db",
+                 "fail", "smoke")
+    assert s["n_failed"] == 2 and s["n_finished"] == 2
+    st = optuna.load_study(study_name="fail", storage="sqlite:///t.db")
+    assert all("loss became" in t.user_attrs["error"] for t in st.trials)
+    assert {r.data.tags["state"] for r in trial_runs("fail")} == {"failed"}
+
+
+@pytest.mark.parametrize("space_change, needle", [
+    ({"scheduler": {"type": "categorical", "choices": {"linear": {}}}},
+     "unknown scheduler(s) ['linear']"),
+    ({"lr": {"type": "float", "low": 0.01, "high": 0.001}}, "empty or inverted range"),
+    ({"fc_dropout": {"type": "float", "low": 0.5, "high": 0.5}}, "empty or inverted range"),
+    ({"momentum_x": {"type": "float", "low": 0.1, "high": 0.2}}, "unknown key 'momentum_x'"),
+    ({"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "log range needs low > 0"),
+])
+def test_bad_space_is_refused(tmp_path, space_change, needle):
+    space = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())["space"]
+    space.update(space_change)
+    with pytest.raises(UsageError) as e:
+        Space(space_file(tmp_path, space=space), "smoke")
+    assert needle in str(e.value)
+
+
+def test_unreachable_storage_and_tracking_fail_fast(kaggle_csv, tmp_path):
+    t0 = time.time()
+    r = run_cli("pipeline.tune", "--data", str(kaggle_csv), "--profile", "smoke",
+                "--storage", "postgresql://postgres@127.0.0.1:1/none")
+    assert r.returncode == 2 and "Optuna storage postgresql://" in r.stderr
+    r = run_cli("pipeline.tune", "--data", str(kaggle_csv), "--profile", "smoke",
+                env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+    assert r.returncode == 2 and "not reachable" in r.stderr
+    assert time.time() - t0 < 90
+    assert not (tmp_path / "tune.db").exists()
+
+
+def _worker(data, space, uri, name, cwd, n, extra=()):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--data", str(data),
+                             "--space", str(space), "--profile", "smoke", "--storage", PG,
+                             "--study-name", name, "--n-trials", str(n),
+                             "--experiment", "workers", *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_workers_finish_exactly_n(kaggle_csv, tmp_path, pg_mlflow):  # noqa: F811
+    uri, studies = pg_mlflow
+    name = f"tune2-{uuid.uuid4().hex[:8]}"
+    studies.append(name)
+    sp = space_file(tmp_path)
+    procs = [_worker(kaggle_csv, sp, uri, name, tmp_path, 5) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    st = optuna.load_study(study_name=name, storage=PG)
+    assert len(counted(st)) == 5
+    runs = trial_runs(name)
+    numbers = sorted(int(r.data.tags["trial"]) for r in runs)
+    assert len(numbers) == 5 and len(set(numbers)) == 5
+    assert set(numbers) == {t.number for t in counted(st)}
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_killed_worker_trial_is_retried(kaggle_csv, tmp_path, pg_mlflow):  # noqa: F811
+    uri, studies = pg_mlflow
+    name = f"tunek-{uuid.uuid4().hex[:8]}"
+    studies.append(name)
+    sp = space_file(tmp_path)
+    a = _worker(kaggle_csv, sp, uri, name, tmp_path, 3, ["--heartbeat", "1"])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            st = optuna.load_study(study_name=name, storage=PG)
+            if st.get_trials(states=(TrialState.RUNNING,)):
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    b = _worker(kaggle_csv, sp, uri, name, tmp_path, 3, ["--heartbeat", "1"])
+    out = b.communicate(timeout=900)[0]
+    assert b.returncode == 0, out
+    st = optuna.load_study(study_name=name, storage=PG)
+    trials = st.get_trials()
+    stale = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")]
+    assert len(stale) == 1
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == stale[0].number]
+    assert len(retry) == 1 and retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry[0].params == stale[0].params
+    assert len(counted(st)) == 3
+    assert all(t.state != TrialState.RUNNING for t in trials)

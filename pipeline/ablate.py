@@ -314,10 +314,12 @@ def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"label": label, "on": on_cell, "off": off_cell}
         seeds = sorted({sd for (c, sd) in by_cell if c == on_cell} &
                        {sd for (c, sd) in by_cell if c == off_cell})
+        def accs(cell: str, part: str, key: str) -> dict[int, float]:
+            return {sd: by_cell[(cell, sd)].data.metrics.get(f"{part}_acc{key}", math.nan)
+                    for sd in seeds}
+
         for part in ("val", "test"):
-            get = lambda cell, key: {sd: by_cell[(cell, sd)].data.metrics.get(  # noqa: E731
-                f"{part}_acc{key}", math.nan) for sd in seeds}
-            e = stats.paired_effect(get(on_cell, on_key), get(off_cell, off_key))
+            e = stats.paired_effect(accs(on_cell, part, on_key), accs(off_cell, part, off_key))
             row.update({f"{part}_mean": e["mean"], f"{part}_lo": e["lo"], f"{part}_hi": e["hi"]})
         row["n"] = len(seeds)
         ys, a, b = [], [], []
@@ -415,7 +417,10 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     fer.check_usage(data)
     tracking.check_reachable()
     storage = open_storage(storage_url, heartbeat)
-    name = study_name or f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-8:]}"
+    # The default name changes with the cells, seeds, budget and data, so an edited study file
+    # starts a new study instead of clashing with the old one; an unchanged one resumes.
+    name = study_name or (f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-6:]}-"
+                          f"{fingerprint(s)[:6]}")
     # Under `mlflow run` the entry's run becomes the parent (when this worker creates the
     # study); child runs must not resume it through the environment.
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)

@@ -88,7 +88,7 @@ def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     done, t0, warm = 0, 0.0, 2
     while True:
-        for i, (x, y) in enumerate(loader):
+        for x, y in loader:
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad()

@@ -9,6 +9,7 @@ stop at N. Workers record heartbeats, so a killed worker's trial is retried by a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -351,7 +352,8 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
     fer.check_usage(data)
     storage = open_storage(storage_url, heartbeat)
     os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new child runs, not the entry's run
-    name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-8:]}"
+    spec = hashlib.sha1(Path(space_path).read_bytes()).hexdigest()[:6]
+    name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-6:]}-{spec}"
     study = open_tune_study(storage, name, space)
     print(f"study {name}: {len(counted(study))} of {n_trials} trials finished", flush=True)
     mine = work(study, space, data, n_trials, heartbeat, timeout, seed)
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("Tune the LR schedule and dropout with Optuna (resumable; shareable by workers).")
     p.add_argument("--data", required=True)
     p.add_argument("--space", default=str(ROOT / "ablations" / "tune.yaml"))
-    p.add_argument("--n-trials", type=int, default=20,
+    p.add_argument("--n-trials", type=lambda v: int(float(v)), default=20,
                    help="finished trials the study should hold in total, over all workers")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
                    help="Optuna storage; postgresql://user@host/db to share it between machines")
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="tune_report")
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
-    s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name, a.profile, a.timeout,
+    s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name or None, a.profile, a.timeout,
                  a.retrain_best, a.heartbeat, a.seed, a.out_dir)
     print(json.dumps(s, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return 0

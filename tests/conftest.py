@@ -120,3 +120,21 @@ def run_cli(module: str, *args: str, env: dict | None = None, cwd: Path | None =
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=e, cwd=cwd, timeout=900)
+
+
+def wait_until_running(study_name: str, storage: str, timeout: float = 300) -> None:
+    """Block until the Optuna study has a RUNNING trial (a worker is mid-cell)."""
+    import time
+
+    import optuna
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            st = optuna.load_study(study_name=study_name, storage=storage)
+            if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                return
+        except KeyError:
+            pass  # the worker has not created the study yet
+        time.sleep(0.2)
+    raise TimeoutError(f"no trial of {study_name} started within {timeout} s")

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import yaml
 
 from pipeline.ablate import load_study, run_ablate
 from pipeline.cli import UsageError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_until_running
 
 TINY = {"epochs": 1, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
         "early_stopping": 0}
@@ -191,16 +190,7 @@ def test_killed_worker_cell_goes_back_to_the_pool(kaggle_csv, tmp_path, pg_mlflo
     study, name = mini_study(tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
     studies.append(name)
     a = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])
-    deadline = time.time() + 300
-    st = None
-    while time.time() < deadline:
-        try:
-            st = optuna.load_study(study_name=name, storage=PG)
-            if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                break
-        except KeyError:
-            pass
-        time.sleep(0.2)
+    wait_until_running(name, PG)
     a.send_signal(signal.SIGKILL)
     a.wait()
     b = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from pipeline.cli import UsageError
 from pipeline.config import build
 from pipeline.tune import Space, counted, run_tune
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_until_running
 from tests.test_ablate import PG, pg_mlflow  # noqa: F401  (fixture)
 
 TINY = {"epochs": 2, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
@@ -157,15 +157,7 @@ def test_killed_worker_trial_is_retried(kaggle_csv, tmp_path, pg_mlflow):  # noq
     studies.append(name)
     sp = space_file(tmp_path)
     a = _worker(kaggle_csv, sp, uri, name, tmp_path, 3, ["--heartbeat", "1"])
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            st = optuna.load_study(study_name=name, storage=PG)
-            if st.get_trials(states=(TrialState.RUNNING,)):
-                break
-        except KeyError:
-            pass
-        time.sleep(0.2)
+    wait_until_running(name, PG)
     a.send_signal(signal.SIGKILL)
     a.wait()
     b = _worker(kaggle_csv, sp, uri, name, tmp_path, 3, ["--heartbeat", "1"])

@@ -23,6 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # ISA-L's gzip decompresses about twice as fast as zlib; plain gzip otherwise
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _inflate_error
+except ImportError:  # pragma: no cover
+    _gzip, _inflate_error = gzip, zlib.error
+
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 USAGES = ("Training", "PublicTest", "PrivateTest")
 IMG = 48
@@ -143,7 +149,7 @@ def _open_csv(path: Path):
                         f"'emotion,pixels,Usage' followed by one row per image.")
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+    return _gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
 def _field(raw: bytes) -> bytes:
@@ -193,7 +199,7 @@ def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                     if rows:
                         parts.append(pool.submit(parse, rows, nums))
             parts = [p.result() for p in parts]
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error, _inflate_error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip data after line {line_no} ({e}); "
                         f"download the file again.") from None
     if not parts:
@@ -238,7 +244,7 @@ def parse_pixels(rows: list[bytes], path: Path | str = "<pixels>",
     lengths = np.fromiter((len(r) + 1 for r in rows), dtype=np.int64, count=n)
     # A leading separator makes every token start right after a non-digit byte.
     row_start = np.concatenate(([0], np.cumsum(lengths)[:-1])) + 1
-    buf = np.frombuffer(b" " + b" ".join(rows) + b" ", dtype=np.uint8)
+    buf = np.frombuffer(b" ".join([b"", *rows, b""]), dtype=np.uint8)
 
     def where(pos: int) -> str:
         r = int(np.searchsorted(row_start, pos, side="right") - 1)
@@ -248,12 +254,13 @@ def parse_pixels(rows: list[bytes], path: Path | str = "<pixels>",
 
     # uint8 wrap-around turns the digit test into one subtraction and one compare.
     digit = np.subtract(buf, 48, dtype=np.uint8) < 10
-    other = ~digit & (buf != 32) & (buf != 9)
-    if other.any():
-        raise DataError(f"{where(int(np.argmax(other)))} is not an integer; expected "
+    valid = digit | (buf == 32)
+    if not valid.all():
+        raise DataError(f"{where(int(np.argmin(valid)))} is not an integer; expected "
                         f"{N_PIXELS} integers 0..255 separated by spaces.")
-    starts = np.flatnonzero(digit[1:] & ~digit[:-1]) + 1
-    ends = np.flatnonzero(digit[:-1] & ~digit[1:])
+    # The buffer starts and ends with a space, so digit-run edges alternate start, end.
+    edges = np.flatnonzero(np.diff(digit.view(np.int8)))
+    starts, ends = edges[0::2] + 1, edges[1::2]
     counts = np.diff(np.searchsorted(starts, np.append(row_start, len(buf))))
     wrong = np.flatnonzero(counts != N_PIXELS)
     if len(wrong):

@@ -43,6 +43,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is experimental.*")
+    # Workers record trial heartbeats themselves (pipeline.workers.Heartbeat) around ask/tell.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -166,23 +166,12 @@ def open_study(storage, name: str, s: Study, digest: str, entry_run_id: str | No
         study = optuna.load_study(study_name=name, storage=storage)
         created = False
     if created:
-        parent = entry_run_id or mlflow.MlflowClient().create_run(
-            tracking.experiment_id(), run_name=f"ablation {s.profile}",
-            tags={"study": name, "role": "study", "git_commit": tracking.git_commit()}).info.run_id
-        client = mlflow.MlflowClient()
-        client.set_tag(parent, "study", name)
-        client.set_tag(parent, "mlflow.runName", f"ablation {s.profile}")
-        client.log_param(parent, "profile", s.profile)
-        client.log_param(parent, "seeds", s.seeds)
-        client.log_param(parent, "reduced", s.reduced()[:500])
-        client.log_param(parent, "data_digest", digest)
-        for c in s.cells:
-            for seed in range(s.seeds):
-                study.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
-        study.set_user_attr("fingerprint", fingerprint(s))
-        study.set_user_attr("data_digest", digest)
-        study.set_user_attr("parent_run_id", parent)
-        study.set_user_attr("ready", True)  # last: joiners wait for a complete queue
+        try:
+            _set_up_queue(study, name, s, digest, entry_run_id)
+        except BaseException:
+            # Leave nothing half-made: a study without its full queue must not look valid.
+            optuna.delete_study(study_name=name, storage=storage)
+            raise
     deadline = time.time() + wait_s
     while not study.user_attrs.get("ready"):
         if time.time() > deadline:
@@ -194,6 +183,30 @@ def open_study(storage, name: str, s: Study, digest: str, entry_run_id: str | No
         raise UsageError(f"study {name!r} already exists with other cells, seeds, budget or data; "
                          f"use another --study-name for a different study.")
     return study, created
+
+
+def _set_up_queue(study: optuna.Study, name: str, s: Study, digest: str,
+                  entry_run_id: str | None) -> None:
+    """The creating worker: the parent run, then one waiting trial per (cell, seed)."""
+    client = mlflow.MlflowClient()
+    parent = entry_run_id or client.create_run(
+        tracking.experiment_id(), run_name=f"ablation {s.profile}",
+        tags={"study": name, "role": "study", "git_commit": tracking.git_commit()}).info.run_id
+    client.set_tag(parent, "study", name)
+    client.set_tag(parent, "role", "study")
+    client.set_tag(parent, "mlflow.runName", f"ablation {s.profile}")
+    # Prefixed: under `mlflow run` the parent already holds the entry point's own params.
+    for k, v in {"study_profile": s.profile, "study_seeds": s.seeds,
+                 "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
+                 "data_digest": digest}.items():
+        client.log_param(parent, k, v)
+    for c in s.cells:
+        for seed in range(s.seeds):
+            study.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
+    study.set_user_attr("fingerprint", fingerprint(s))
+    study.set_user_attr("data_digest", digest)
+    study.set_user_attr("parent_run_id", parent)
+    study.set_user_attr("ready", True)  # last: joiners wait for a complete queue
 
 
 def claim(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -166,17 +166,15 @@ def open_tune_study(storage, name: str, space: Space, wait_s: float = 120) -> op
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                     sampler=space.sampler(), pruner=space.pruner())
-        parent = mlflow.MlflowClient().create_run(
-            tracking.experiment_id(), run_name=f"tune {name}",
-            tags={"study": name, "role": "tune", "git_commit": tracking.git_commit()}).info.run_id
-        mlflow.MlflowClient().log_param(parent, "profile", space.profile)
-        mlflow.MlflowClient().log_param(parent, "base", str(space.base_path.name))
-        mlflow.MlflowClient().log_text(parent, space.path.read_text(), "search_space.yaml")
-        study.set_user_attr("parent_run_id", parent)
-        study.set_user_attr("profile", space.profile)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=space.sampler(),
                                   pruner=space.pruner())
+    else:
+        try:
+            _set_up_parent(study, name, space)
+        except BaseException:
+            optuna.delete_study(study_name=name, storage=storage)  # nothing half-made
+            raise
     deadline = time.time() + wait_s
     while "parent_run_id" not in study.user_attrs:
         if time.time() > deadline:
@@ -184,6 +182,18 @@ def open_tune_study(storage, name: str, space: Space, wait_s: float = 120) -> op
                              f"starting it); use another --study-name.")
         time.sleep(1)
     return study
+
+
+def _set_up_parent(study: optuna.Study, name: str, space: Space) -> None:
+    client = mlflow.MlflowClient()
+    parent = client.create_run(
+        tracking.experiment_id(), run_name=f"tune {name}",
+        tags={"study": name, "role": "tune", "git_commit": tracking.git_commit()}).info.run_id
+    client.log_param(parent, "profile", space.profile)
+    client.log_param(parent, "base", str(space.base_path.name))
+    client.log_text(parent, space.path.read_text(), "search_space.yaml")
+    study.set_user_attr("parent_run_id", parent)
+    study.set_user_attr("profile", space.profile)
 
 
 def _find_trial_run(study_name: str, number: int):

@@ -72,6 +72,9 @@ def isolated(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     while mlflow.active_run():
         mlflow.end_run()
+    # MLflow remembers the active experiment per process; one from an earlier test's store
+    # must not leak into this one.
+    mlflow.set_experiment("tests")
     yield tmp_path
 
 

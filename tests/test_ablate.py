@@ -45,13 +45,17 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e",
                         "ablate", "--env-manager", "local", "-P", f"data={kaggle_csv}",
-                        "-P", "profile=smoke"], capture_output=True, text=True, env=env,
+                        "-P", "profile=smoke", "-P", f"storage=sqlite:///{tmp_path}/ablate.db",
+                        # `mlflow run` works in the project folder: outputs go here instead
+                        "-P", f"report_dir={tmp_path / 'ablation_report'}"],
+                       capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     s = load_study(ROOT / "ablations/study.yaml", "smoke")
     parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                 filter_string="tags.role = 'study' or tags.study LIKE 'ablate-%'")
-    study_name = next(p.data.tags["study"] for p in parents if "study" in p.data.tags)
+                                 filter_string="tags.role = 'study'")
+    assert len(parents) == 1  # under `mlflow run`, the entry point's run is the parent
+    study_name = parents[0].data.tags["study"]
     children = child_runs(study_name)
     assert len(children) == len(s.cells) * s.seeds
     parent_ids = {c.data.tags["mlflow.parentRunId"] for c in children}

@@ -213,6 +213,9 @@ def claim(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """Take one waiting trial; the storage locks the row, so two workers never take the same."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+            # Beat at once: a RUNNING trial that never beat is never found stale, so a worker
+            # killed right after claiming would hold its cell forever.
+            study._storage.record_heartbeat(t._trial_id)
             return t
     return None
 

@@ -247,6 +247,8 @@ def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, he
             time.sleep(poll)
             continue
         trial = study.ask()
+        # Beat at once: a RUNNING trial that never beat is never found stale (see ablate.claim).
+        storage.record_heartbeat(trial._trial_id)
         # Workers that asked at once may overfill the study: the latest-numbered running trials
         # give way, so the study ends with exactly n_trials.
         running = sorted(t.number for t in study.get_trials(deepcopy=False,

@@ -10,10 +10,13 @@ the queue empty.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import optuna
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -29,6 +33,7 @@ from . import data as fer
 from . import plots, stats, tracking
 from .cli import EXPECTED, UsageError, parser, run_main
 from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
+from .models import supports_residual
 from .train import train
 from .workers import Heartbeat, open_storage
 
@@ -60,8 +65,10 @@ class Study:
     toggles: dict[str, dict]
     profile: str
     budget: dict[str, Any]
-    log_models: bool
+    log_models: str  # all | none | reference (the reference stage's seed-0 model only)
     cells: list[Cell] = field(default_factory=list)
+    # Cells left out because the toggle has nothing to act on in that stage, with the reason.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def config(self, cell: Cell, seed: int) -> Config:
         return build(config_path(cell.stage), {**cell.overrides, **self.budget, "seed": seed})
@@ -110,7 +117,7 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
               seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
               reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
               profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
-              log_models=bool(prof.get("log_models", False)))
+              log_models="all" if prof.get("log_models", False) else "none")
     if s.seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
     try:
@@ -140,10 +147,17 @@ def _cells(s: Study) -> list[Cell]:
             continue
         on = _is_on(ref, spec)
         # Leave-one-out: flip the toggle in the reference (for one it lacks, "flip" means add).
-        cells.append(Cell(f"loo {'-' if on else '+'}{t}", "loo", s.reference,
-                          dict(spec["without" if on else "with"]), t))
-        if not _is_on(base, spec):
-            cells.append(Cell(f"aoi +{t}", "aoi", s.base, dict(spec["with"]), t))
+        loo = Cell(f"loo {'-' if on else '+'}{t}", "loo", s.reference,
+                   dict(spec["without" if on else "with"]), t)
+        aoi = None if _is_on(base, spec) else Cell(f"aoi +{t}", "aoi", s.base, dict(spec["with"]), t)
+        for cell, cfg in ((loo, ref), (aoi, base)):
+            if cell is None:
+                continue
+            if t == "residual" and not supports_residual(cfg.stage):
+                s.skipped.append((cell.name, f"stage {cfg.stage} has no pair of convs at a "
+                                             f"constant channel count to put a skip around"))
+                continue
+            cells.append(cell)
     return cells
 
 
@@ -240,7 +254,8 @@ def run_cell(s: Study, study_name: str, cell: Cell, seed: int, data: fer.FerData
                  resume_run_id=earlier.info.run_id if earlier else None,
                  tags={"study": study_name, "cell": cell.name, "cell_kind": cell.kind,
                        "toggle": cell.toggle or ""},
-                 log_model=s.log_models)
+                 log_model=s.log_models == "all" or (s.log_models == "reference" and seed == 0
+                                                     and cell.name == f"stage {s.reference}"))
 
 
 def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
@@ -314,15 +329,9 @@ def collect(study: optuna.Study) -> tuple[dict, list[dict]]:
     return by_cell, failed
 
 
-def _predictions(run) -> dict[str, np.ndarray]:
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                artifact_path="predictions.npz")
-    with np.load(local) as z:
-        return {k: z[k] for k in z.files}
-
-
 def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
-    """Each component's effect (with minus without), paired by seed, with McNemar on test."""
+    """Each component's effect (with minus without) on val and test accuracy, paired by seed,
+    with its t-interval and paired t-test over the seeds."""
     ref_cell, base_cell = f"stage {s.reference}", f"stage {s.base}"
     rows = []
 
@@ -330,23 +339,15 @@ def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"label": label, "on": on_cell, "off": off_cell}
         seeds = sorted({sd for (c, sd) in by_cell if c == on_cell} &
                        {sd for (c, sd) in by_cell if c == off_cell})
+
         def accs(cell: str, part: str, key: str) -> dict[int, float]:
             return {sd: by_cell[(cell, sd)].data.metrics.get(f"{part}_acc{key}", math.nan)
                     for sd in seeds}
 
         for part in ("val", "test"):
             e = stats.paired_effect(accs(on_cell, part, on_key), accs(off_cell, part, off_key))
-            row.update({f"{part}_mean": e["mean"], f"{part}_lo": e["lo"], f"{part}_hi": e["hi"]})
+            row.update({f"{part}_{k}": e[k] for k in ("mean", "lo", "hi", "p", "n")})
         row["n"] = len(seeds)
-        ys, a, b = [], [], []
-        for sd in seeds:
-            pon, poff = _predictions(by_cell[(on_cell, sd)]), _predictions(by_cell[(off_cell, sd)])
-            if "test_labels" in pon:
-                ys.append(pon["test_labels"])
-                a.append(pon["test" + (on_key and "_tta")])
-                b.append(poff["test" + (off_key and "_tta")])
-        row["p"] = (stats.mcnemar(np.concatenate(ys), np.concatenate(a), np.concatenate(b))["p"]
-                    if ys else math.nan)
         rows.append(row)
 
     for c in s.cells:
@@ -362,6 +363,17 @@ def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
+                 "The `{profile}` profile trains every cell for a fraction of the study's own "
+                 "budget, so its models end near chance and some effects here have the opposite "
+                 "sign of their full-budget value. Read the `full` profile's report for the "
+                 "study's answer.")
+
+
 def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -> str:
     by_cell, failed = collect(study)
     rows = effects(s, by_cell)
@@ -370,32 +382,50 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
         cell = f"stage {st}"
         runs = [r for (c, _), r in sorted(by_cell.items()) if c == cell]
         acc = {k: stats.mean_ci([r.data.metrics.get(k, math.nan) for r in runs])
-               for k in ("val_acc", "test_acc", "test_acc_tta")}
+               for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "epochs_run",
+                         "train_seconds")}
         measured[st] = acc["val_acc"]
         ladder_rows.append((st, s.reported.get(st, math.nan), acc, len(runs)))
-    pct = lambda m, lo, hi: ("n/a" if not math.isfinite(m) else  # noqa: E731
-                             f"{m:.3f}" if not math.isfinite(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
+
+    def pct(m, lo, hi):
+        if not math.isfinite(m):
+            return "n/a"
+        return f"{m:.3f}" if not math.isfinite(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
     device = next((r.data.tags.get("device") for r in by_cell.values()), "?")
-    lines = [f"# Ablation report: `{study.study_name}`", "",
-             f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
-             + (f", wall time {wall_s / 60:.1f} min" if wall_s else "") + ".",
-             f"Budget applied to every cell: {s.reduced()}.",
-             "Effects are accuracy points (with minus without), mean and 95% t-interval over "
-             "seeds, paired by seed; p is an exact McNemar test on the test-set predictions, "
-             "pooled over the paired seeds.", "",
-             "## Effects", "",
-             "| component | seeds | val effect (points) | test effect (points) | McNemar p (test) |",
-             "|---|---|---|---|---|"]
+    lines = [f"# Ablation report: `{study.study_name}`", ""]
+    if s.profile != "full":
+        lines += [QUICK_WARNING.format(profile=s.profile), ""]
+    lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
+              + (f", wall time {wall_s / 60:.1f} min" if wall_s else "") + ".",
+              f"Budget applied to every cell: {s.reduced()}.",
+              "Effects are accuracy points (with minus without), mean and 95% t-interval over "
+              "seeds, paired by seed; p is the paired t-test over the same seeds (two-sided), "
+              "so it agrees with the interval: p < 0.05 exactly when the interval excludes 0. "
+              "With few seeds both are wide; a seed is one trained model, the unit of evidence.",
+              "Val figures come from the epoch that val itself selected, so they are optimistic; "
+              "the test figures are not.", "",
+              "## Effects", "",
+              "| component | seeds | val effect (points) | val p | test effect (points) "
+              "| test p |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['val_mean'], r['val_lo'], r['val_hi'])}"
-                     f" | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} | "
-                     f"{'n/a' if not math.isfinite(r['p']) else f'{r[chr(112)]:.3g}'} |")
+                     f" | {_p(r['val_p'])} | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} "
+                     f"| {_p(r['test_p'])} |")
+    lines += ["", "Cells: `stage X` trains a stage as the study describes it; `loo -T` is the "
+              f"reference ({s.reference}) with toggle T left out (`loo +T`: added, where the "
+              f"reference lacks it); `aoi +T` is the base ({s.base}) with T added in.", ""]
+    for name, why in s.skipped:
+        lines.append(f"- `{name}` is left out: {why}.")
     lines += ["", "## Stage ladder", "",
-              "| stage | reported val | val acc | test acc | test acc (TTA) | seeds |",
-              "|---|---|---|---|---|---|"]
+              "| stage | reported val | val acc | val acc (TTA) | test acc | test acc (TTA) "
+              "| epochs run | train min | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for st, rep, acc, n in ladder_rows:
-        lines.append(f"| {st} | {rep:.2f} | {pct(*acc['val_acc'])} | {pct(*acc['test_acc'])} | "
-                     f"{pct(*acc['test_acc_tta'])} | {n} |")
+        ep, secs = acc["epochs_run"][0], acc["train_seconds"][0]
+        lines.append(f"| {st} | {rep:.2f} | {pct(*acc['val_acc'])} | {pct(*acc['val_acc_tta'])} "
+                     f"| {pct(*acc['test_acc'])} | {pct(*acc['test_acc_tta'])} | "
+                     f"{'n/a' if not math.isfinite(ep) else f'{ep:.0f}'} | "
+                     f"{'n/a' if not math.isfinite(secs) else f'{secs / 60:.1f}'} | {n} |")
     missing = [(c.name, sd) for c in s.cells for sd in range(s.seeds) if (c.name, sd) not in by_cell]
     if failed or missing:
         lines += ["", "## Missing cells", ""]
@@ -416,8 +446,12 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
     for r in rows:
         key = "effect_" + "".join(ch if ch.isalnum() else "_" for ch in r["label"]).strip("_")
-        if math.isfinite(r["test_mean"]):
-            client.log_metric(parent, key, r["test_mean"])
+        for part in ("val", "test"):
+            for stat in ("mean", "lo", "hi"):
+                v = r[f"{part}_{stat}"]
+                if math.isfinite(v):
+                    suffix = "" if stat == "mean" else f"_{stat}"
+                    client.log_metric(parent, f"{key}/{part}_points{suffix}", 100 * v)
     return text
 
 
@@ -426,9 +460,12 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
 
 def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
                budget: dict[str, Any], storage_url: str, study_name: str | None,
-               report_dir: str, heartbeat: int = 20) -> dict[str, Any]:
+               report_dir: str, heartbeat: int = 20, jobs: int = 1,
+               log_models: str | None = None, write_report: bool = True) -> dict[str, Any]:
     t0 = time.time()
     s = load_study(study_path, profile, seeds, budget)  # errors before anything else
+    if log_models is not None:
+        s.log_models = log_models
     data = fer.load(data_path)
     fer.check_usage(data)
     tracking.check_reachable()
@@ -446,12 +483,48 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
         mlflow.MlflowClient().set_tag(entry_run, "ablation_worker_of", parent)
     print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
           f"({'created' if created else 'joined'}), parent run {parent}", flush=True)
-    counts = work(study, s, data, heartbeat)
+    # Extra local workers join the study only now that it exists, so they never race to
+    # create the stores.
+    helpers = [_start_worker(data_path, study_path, s, budget, storage_url, name, heartbeat,
+                             jobs) for _ in range(jobs - 1)]
+    try:
+        counts = work(study, s, data, heartbeat)
+    finally:
+        for h in helpers:
+            if h.wait() != 0:
+                print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
+                      f"back to the queue", flush=True)
+    if not write_report:
+        return {"study": name, "parent_run_id": parent, "report": "", **counts}
+    if any(h.returncode != 0 for h in helpers):
+        counts = {k: counts[k] + v for k, v in work(study, s, data, heartbeat).items()}
     text = report(study, s, Path(report_dir), time.time() - t0)
     client = mlflow.MlflowClient()
     if client.get_run(parent).info.status == "RUNNING" and parent != entry_run:
         client.set_terminated(parent, "FINISHED")
     return {"study": name, "parent_run_id": parent, "report": text, **counts}
+
+
+def worker_threads(jobs: int) -> int:
+    """Threads per worker when ``jobs`` share this machine: one pool each oversubscribes the
+    cores, and two trainings on 2 cores then each ran 25x slower than one alone."""
+    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+
+def _start_worker(data_path: str, study_path: str, s: Study, budget: dict[str, Any],
+                  storage_url: str, name: str, heartbeat: int, jobs: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "pipeline.ablate", "--data", data_path, "--study", study_path,
+            "--profile", s.profile, "--seeds", str(s.seeds), "--storage", storage_url,
+            "--study-name", name, "--heartbeat", str(heartbeat), "--log-models", s.log_models,
+            "--threads", str(worker_threads(jobs)), "--no-report"]
+    for key, flag in (("epochs", "--epochs"), ("data_fraction", "--data-fraction"),
+                      ("width", "--width")):
+        if budget.get(key):
+            args += [flag, str(budget[key])]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+           "MLFLOW_EXPERIMENT_ID": tracking.experiment_id()}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen(args, env=env)
 
 
 def _whole(text: str) -> int:
@@ -478,13 +551,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-name", default=None)
     p.add_argument("--report-dir", default="ablation_report")
     p.add_argument("--heartbeat", type=int, default=20, help="seconds between worker heartbeats")
+    p.add_argument("--jobs", type=_whole, default=1,
+                   help="workers on this machine (one process each, the CPU threads split "
+                        "between them; on a GPU they share it)")
+    p.add_argument("--log-models", choices=("all", "none", "reference"), default=None,
+                   help="which runs log an MLflow model (default: the profile's; reference: "
+                        "only the reference stage's seed-0 run)")
+    p.add_argument("--threads", type=_whole, default=0,
+                   help="torch CPU threads of this worker (0: the cores split over --jobs)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="build the report when the queue is empty (extra workers leave it to "
+                        "the one that started them)")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
+    torch.set_num_threads(a.threads or worker_threads(a.jobs))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v}
     tracking.setup(a.experiment)
     out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
                      a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat)
+                     a.heartbeat, a.jobs, a.log_models, a.report)
     print(out["report"])
     return 0
 

@@ -19,13 +19,17 @@ def affine_matrices(angle_deg: torch.Tensor, scale: torch.Tensor, tx: torch.Tens
                     ty: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """(N, 2, 3) matrices for ``affine_grid``: output coords -> input coords, in [-1, 1] units.
 
-    ``tx``/``ty`` are shifts as a share of the image side; ``flip`` is a bool per image.
+    ``tx``/``ty`` are shifts of the output image as a share of its side; ``flip`` is a bool per
+    image. The shift is applied after rotation and scale (in output coordinates), so a
+    ``translate`` of .15 moves the face by at most .15 of the side whatever the zoom or angle.
     """
     a = angle_deg * (math.pi / 180)
     cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
     fx = torch.where(flip, -1.0, 1.0)
-    row0 = torch.stack([cos * fx, -sin, -2 * tx], dim=1)
-    row1 = torch.stack([sin * fx, cos, -2 * ty], dim=1)
+    a00, a01, a10, a11 = cos * fx, -sin, sin * fx, cos
+    # in = A (out - 2t): the output shifted by t maps back through the same A.
+    row0 = torch.stack([a00, a01, -2 * (a00 * tx + a01 * ty)], dim=1)
+    row1 = torch.stack([a10, a11, -2 * (a10 * tx + a11 * ty)], dim=1)
     return torch.stack([row0, row1], dim=1)
 
 
@@ -34,8 +38,11 @@ def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_theta(n: int, cfg: Config, gen: torch.Generator) -> torch.Tensor:
-    u = torch.rand(n, 5, generator=gen)
+N_DRAWS = 7  # uniforms per image: angle, scale, tx, ty, flip, brightness, contrast
+
+
+def random_theta(u: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Affine matrices from ``u``, uniforms (N, >=5) in [0, 1)."""
     angle = (u[:, 0] * 2 - 1) * cfg.rotation
     scale = cfg.scale_min + u[:, 1] * (cfg.scale_max - cfg.scale_min)
     tx = (u[:, 2] * 2 - 1) * cfg.translate
@@ -44,14 +51,17 @@ def random_theta(n: int, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     return affine_matrices(angle, scale, tx, ty, flip)
 
 
-def augment_batch(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
-    """x: (B, 1, 48, 48) floats in [0, 1] -> augmented, same shape and range."""
+def augment_batch(x: torch.Tensor, cfg: Config, u: torch.Tensor) -> torch.Tensor:
+    """x: (B, 1, 48, 48) floats in [0, 1] -> augmented, same shape and range.
+
+    ``u``: (B, N_DRAWS) uniforms on x's device, drawn by the caller from the run's seeded
+    generator (a whole epoch at once), so no host work or sync happens per batch."""
     n = x.shape[0]
-    x = warp(x, random_theta(n, cfg, gen))
+    x = warp(x, random_theta(u, cfg))
     if cfg.brightness > 0 or cfg.contrast > 0:
-        u = torch.rand(n, 2, generator=gen).to(x.device, x.dtype).view(n, 2, 1, 1, 1)
-        b = 1 + (u[:, 0] * 2 - 1) * cfg.brightness
-        c = 1 + (u[:, 1] * 2 - 1) * cfg.contrast
+        j = u[:, 5:7].to(x.dtype).view(n, 2, 1, 1, 1)
+        b = 1 + (j[:, 0] * 2 - 1) * cfg.brightness
+        c = 1 + (j[:, 1] * 2 - 1) * cfg.contrast
         x = x * b
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = ((x - mean) * c + mean).clamp_(0, 1)

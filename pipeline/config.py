@@ -76,7 +76,9 @@ class Config:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    cuda_graphs: bool = True  # replay each training step as one CUDA graph (GPU, Adam)
     deterministic: bool = False
+    checkpoint_every_s: float = 30.0  # at most this often (and at every stop); 0 = every epoch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import augment_batch, normalize, tta_thetas, warp
+from .augment import N_DRAWS, augment_batch, normalize, tta_thetas, warp
 from .cli import TrainingError
-from .config import SCHEDULERS, Config
+from .config import OPTIMIZERS, SCHEDULERS, Config
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -57,11 +57,34 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: Adam with its step count and lr as device tensors, so a CUDA graph can
+    replay its update and a scheduler can still change the lr between replays."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        if capturable:
+            params = list(params)
+            lr = torch.tensor(cfg.lr, device=params[0].device)
+            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay,
+                                    capturable=True, foreach=True)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict`` that keeps each group's lr the kind this optimizer was built
+    with: a checkpoint stores a capturable Adam's lr as a tensor (on the CPU once loaded), and a
+    captured graph must keep reading the device tensor it was built with."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, old in zip(opt.param_groups, lrs):
+        if isinstance(old, torch.Tensor):
+            old.fill_(float(g["lr"]))
+            g["lr"] = old
+        else:
+            g["lr"] = float(g["lr"])
 
 
 def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -121,12 +144,22 @@ class Runtime:
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        if self.channels_last and self.device.type == "cpu" and cfg.stage == "resnet" \
+                and cfg.width < 0.25:
+            # oneDNN in torch 2.14 on AVX-512 CPUs segfaults in the narrow ResNet's channels_last
+            # convolutions (the smoke profile's width .125); contiguous tensors avoid that path.
+            self.channels_last = False
+        # A CUDA graph replays one fixed kernel sequence: only where nothing in the step needs
+        # the host (Adam's capturable update; schedulers that change the lr alone).
+        self.graphs = (cfg.cuda_graphs and self.device.type == "cuda" and cfg.optimizer == "adam"
+                       and cfg.scheduler != "onecycle")
         self.cfg = cfg
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
         if not self.bf16:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        # A graph capture must not keep autocast's cast-weight cache (stale across replays).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
     def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """(B, 1, 48, 48) uint8 on device -> float in [0, 1], in the run's memory format."""
@@ -138,57 +171,132 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    opt: torch.optim.Optimizer, rt: Runtime, gen: torch.Generator,
-                    batch_scheduler=None, desc: str = "train") -> dict[str, float]:
-    """One pass over ``images`` (uint8 (N, 1, 48, 48) on the device) in a seeded order."""
-    cfg = rt.cfg
-    model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=gen).to(rt.device)
-    sync_each_step = rt.device.type == "cpu"  # a host sync is free on the CPU, costly on a GPU
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    finite = torch.ones((), device=rt.device, dtype=torch.bool)
-    t0 = time.perf_counter()
-    bar = tqdm(range(0, n, cfg.batch_size), desc=desc, leave=False, disable=None, unit="batch")
-    for i, start in enumerate(bar):
-        idx = order[start:start + cfg.batch_size]
-        if len(idx) < 2 and n > 1:
-            continue  # BatchNorm cannot train on a batch of one
-        x = rt.to_input(images[idx])
-        y = labels[idx]
+class TrainStep:
+    """One optimisation step on a batch given by indices into the run's uint8 images: gather,
+    augment, normalise, forward, loss, backward, clip, update, and running sums of loss and
+    correct answers kept on the device.
+
+    On a GPU with ``rt.graphs`` the step is captured once as a CUDA graph (after three eager
+    warm-up steps on a side stream, which settle cuDNN's algorithm choice and the allocator)
+    and then replayed: at batch 64 on 48x48 faces a step is a few hundred small kernels, and
+    launching them one by one from Python costs more than running them. A graph has one batch
+    shape, so the epoch's last, partial batch is skipped (a different one each epoch).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
+                 images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.model, self.opt, self.rt = model, opt, rt
+        self.images, self.labels = images, labels  # on the device, for the whole run
+        self.batch_size = batch_size
+        dev = rt.device
+        self.loss_sum = torch.zeros((), device=dev)
+        self.correct = torch.zeros((), device=dev, dtype=torch.long)
+        self.finite = torch.ones((), device=dev, dtype=torch.bool)
+        self.last_loss = torch.zeros((), device=dev)
+        self.graphed = rt.graphs and len(labels) >= batch_size
+        if self.graphed:
+            self.idx = torch.zeros(batch_size, device=dev, dtype=torch.long)
+            self.u = torch.zeros(batch_size, N_DRAWS, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+
+    def reset(self) -> None:
+        """Zero the running sums in place (a captured graph holds their addresses)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.finite.fill_(True)
+
+    def _body(self, idx: torch.Tensor, u: torch.Tensor | None, cache: bool = True) -> None:
+        cfg = self.rt.cfg
+        x = self.rt.to_input(self.images[idx])
+        y = self.labels[idx]
         if cfg.augment:
-            x = augment_batch(x, cfg, gen)
+            x = augment_batch(x, cfg, u)
         x = normalize(x, cfg.normalize)
-        with rt.autocast():
-            logits = model(x)
+        with self.rt.autocast(cache):
+            logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        loss = loss.detach()
+        self.last_loss.copy_(loss)
+        self.loss_sum.add_(loss * len(idx))
+        self.correct.add_((logits.argmax(1) == y).sum())
+        self.finite.logical_and_(torch.isfinite(loss))
+
+    def __call__(self, idx: torch.Tensor, u: torch.Tensor | None) -> None:
+        self.steps += 1
+        if not self.graphed:
+            self.opt.zero_grad(set_to_none=True)
+            self._body(idx, u)
+            return
+        self.idx.copy_(idx)
+        if u is not None:
+            self.u.copy_(u)
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.opt.zero_grad(set_to_none=True)
+            self._body(self.idx, self.u, cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.steps >= self.WARMUP:
+            # Grads set to None now are allocated by the capture from the graph's own pool,
+            # and every replay's backward writes them afresh.
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body(self.idx, self.u, cache=False)
+            # Capture records without running: the last batch still needs its step.
+            self.graph.replay()
+
+
+def train_one_epoch(step: TrainStep, gen: torch.Generator, augment: bool,
+                    batch_scheduler=None, desc: str = "train") -> dict[str, float]:
+    """One pass over ``step``'s images in an order (and augmentation draws) from ``gen``."""
+    rt, bs = step.rt, step.batch_size
+    step.model.train()
+    n = len(step.labels)
+    # The epoch's randomness is drawn at once on the CPU from the seeded generator (so runs
+    # are reproducible on any device and resumable), then moved in one copy.
+    order = torch.randperm(n, generator=gen)
+    draws = torch.rand(n, N_DRAWS, generator=gen) if augment else None
+    order = order.to(rt.device)
+    draws = draws.to(rt.device) if draws is not None else None
+    sync_each_step = rt.device.type == "cpu"  # a host sync is free on the CPU, costly on a GPU
+    step.reset()
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(0, n, bs), desc=desc, leave=False, disable=None, unit="batch")
+    for i, start in enumerate(bar):
+        idx = order[start:start + bs]
+        if (len(idx) < 2 and n > 1) or (step.graphed and len(idx) < bs):
+            continue  # BatchNorm cannot train on a batch of one; a graph has one batch shape
+        step(idx, draws[start:start + len(idx)] if draws is not None else None)
+        seen += len(idx)
         if batch_scheduler is not None:
             batch_scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
         if sync_each_step:
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the training loss became {loss.item()} at batch {i} "
-                                    f"(lr {opt.param_groups[0]['lr']:.3g}); lower lr or set "
-                                    f"grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
+            if not torch.isfinite(step.last_loss):
+                raise TrainingError(f"the training loss became {step.last_loss.item()} at batch "
+                                    f"{i} (lr {float(step.opt.param_groups[0]['lr']):.3g}); lower "
+                                    f"lr or set grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
             if bar.disable is False and i % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / (start + len(idx)):.3f}",
-                                acc=f"{correct.item() / (start + len(idx)):.3f}")
-        else:
-            finite &= torch.isfinite(loss)
-    if not bool(finite):
+                bar.set_postfix(loss=f"{step.loss_sum.item() / seen:.3f}",
+                                acc=f"{step.correct.item() / seen:.3f}")
+    if not bool(step.finite):
         raise TrainingError("the training loss became non-finite during the epoch; lower lr or "
                             "set grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
     secs = time.perf_counter() - t0
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "img_per_s": n / secs,
-            "seconds": secs}
+    seen = max(seen, 1)
+    return {"loss": step.loss_sum.item() / seen, "acc": step.correct.item() / seen,
+            "img_per_s": seen / secs, "seconds": secs}
 
 
 @torch.no_grad()

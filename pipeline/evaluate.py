@@ -15,9 +15,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import data as fer
 from . import plots, tracking
-from .augment import tta_thetas, warp
 from .cli import UsageError, parser, run_main
-from .config import Config
 
 
 def load_classifier(model_uri: str) -> torch.nn.Module:
@@ -32,19 +30,15 @@ def load_classifier(model_uri: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def predict_proba(clf: torch.nn.Module, images: np.ndarray, tta: bool,
+def predict_proba(clf: torch.nn.Module, images: np.ndarray, tta: bool | None,
                   batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for uint8 images (N, 48, 48); with ``tta``, averaged over the views."""
-    thetas = tta_thetas(Config()) if tta else None
+    """Class probabilities for uint8 images (N, 48, 48). ``tta`` None: as the model is served
+    (with its run's TTA views if it was trained with tta); True/False: force the choice."""
+    use_tta = getattr(clf, "tta", False) if tta is None else tta
     out = []
     for s in range(0, len(images), batch_size):
         x = torch.from_numpy(images[s:s + batch_size]).float().unsqueeze(1)
-        if thetas is None:
-            p = clf(x)
-        else:  # warp is linear, so it applies to raw pixels as well as to [0, 1] ones
-            p = sum(clf(warp(x, thetas[v:v + 1].expand(len(x), 2, 3)))
-                    for v in range(len(thetas))) / len(thetas)
-        out.append(p.float().numpy())
+        out.append(clf.probs(x, use_tta).float().numpy())
     return np.concatenate(out) if out else np.empty((0, 7), np.float32)
 
 
@@ -61,7 +55,7 @@ def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
             "per_class": per_class}
 
 
-def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool = False,
+def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool | None = None,
                  predictions: str | None = None) -> dict[str, Any]:
     ds = fer.load(path)
     rows = ds.rows(usage)
@@ -72,6 +66,7 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
     y = ds.labels[rows]
     probs = predict_proba(clf, ds.images[rows], tta)
     result = score(y, probs, usage)
+    tta = getattr(clf, "tta", False) if tta is None else tta
     with tracking.run(name=f"evaluate {usage}{' tta' if tta else ''}",
                       tags={"stage": "evaluate", "model_uri": model_uri}):
         mlflow.log_params({"model_uri": model_uri, "data": ds.source, "usage": usage,
@@ -98,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-uri", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--usage", default="PublicTest", help="any Usage value in the file")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                   help="average over the test-time augmentation views")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the model's own test-time augmentation views (default: "
+                        "as the model is served, i.e. with TTA if its run was trained with it)")
     p.add_argument("--predictions", default=None, metavar="FILE.csv",
                    help="write one row per image: index, label, predicted, 7 probabilities")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

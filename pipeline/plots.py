@@ -118,8 +118,9 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(stages))
     m = np.array([measured.get(s, (np.nan,) * 3)[0] for s in stages])
-    lo = np.array([measured.get(s, (np.nan,) * 3)[1] for s in stages])
-    hi = np.array([measured.get(s, (np.nan,) * 3)[2] for s in stages])
+    # An accuracy interval never leaves [0, 1], however few seeds stretched it.
+    lo = np.clip([measured.get(s, (np.nan,) * 3)[1] for s in stages], 0, 1)
+    hi = np.clip([measured.get(s, (np.nan,) * 3)[2] for s in stages], 0, 1)
     err = np.nan_to_num(np.vstack([m - lo, hi - m]))
     ax.bar(x - 0.2, m, 0.4, yerr=err, capsize=3, label="measured (val)")
     ax.bar(x + 0.2, [reported.get(s, np.nan) for s in stages], 0.4, label="reported (val)")

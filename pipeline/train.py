@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from sklearn.metrics import classification_report, confusion_matrix, f1_score
 from . import data as fer
 from . import plots, tracking
 from .cli import parser, run_main
-from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
-from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, build_optimizer,
-                     build_scheduler, evaluate, seed_everything, train_one_epoch)
+from .config import TOGGLES, Config, ConfigError, build, flatten, parse_set, to_yaml
+from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, TrainStep,
+                     build_optimizer, build_scheduler, evaluate, load_optimizer_state,
+                     seed_everything,
+                     train_one_epoch)
+from .augment import tta_thetas
 from .models import FerClassifier, build_model, count_params
 
 
@@ -39,12 +43,14 @@ def toggles_of(cfg: Config) -> str:
 def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
           tags: dict[str, str] | None = None, parent_run_id: str | None = None,
           resume_run_id: str | None = None, on_epoch: EpochCallback | None = None,
-          log_model: bool = True, max_epochs: int | None = None) -> dict[str, Any]:
+          log_model: bool = True, max_epochs: int | None = None,
+          score_test: bool = True) -> dict[str, Any]:
     """Train ``cfg`` on ``data`` as one MLflow run and return its final metrics.
 
     ``resume_run_id`` continues that run from its last checkpoint (or starts it, if it has
     none). ``on_epoch(epoch, metrics)`` may raise to stop (Optuna pruning); ``max_epochs``
-    stops after that many epochs in this call, leaving the checkpoint (for tests of resume).
+    stops after that many epochs in this call, leaving the checkpoint and the run KILLED.
+    ``score_test=False`` never touches the test split (searches select on val alone).
     """
     rt = Runtime(cfg)
     split = fer.make_split(data, cfg.val_fraction, cfg.split_seed)
@@ -52,6 +58,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     if len(split.val) == 0 or len(train_rows) < 2:
         raise fer.DataError(f"{data.source}: too few Training rows for a train/val split "
                             f"({len(train_rows)} train, {len(split.val)} val).")
+    test_rows = split.test if score_test else split.test[:0]
 
     def tensors(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(data.images[rows]).unsqueeze(1).to(device)
@@ -59,14 +66,15 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
 
     xtr, ytr = tensors(train_rows, rt.device)  # uint8 on the device: 2.3 KB per image
     xva, yva = tensors(split.val, "cpu")
-    xte, yte = tensors(split.test, "cpu")
+    xte, yte = tensors(test_rows, "cpu")
 
     seed_everything(cfg.seed, cfg.deterministic)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = rt.model(build_model(cfg))
-    opt = build_optimizer(cfg, model.parameters())
+    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
     steps = -(-len(train_rows) // cfg.batch_size)
     sched, when = build_scheduler(cfg, opt, steps)
+    step = TrainStep(model, opt, rt, xtr, ytr, cfg.batch_size)
     stopper = EarlyStopping(cfg.early_stopping)
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
@@ -80,10 +88,13 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
         if ckpt.exists():
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
             if state["config"] != cfg.to_dict():
-                raise fer.DataError(f"{ckpt}: the checkpoint of run {run_id} was made with "
-                                    f"another config; resume with the same config.")
+                raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with "
+                                  f"another config; resume with the same config.")
+            if state.get("data_digest", data.digest) != data.digest:
+                raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
+                                    f"{state['data_digest']}); resume it with the same --data.")
             model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer_state(opt, state["optimizer"])
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
             stopper.load_state_dict(state["early_stopping"])
@@ -102,6 +113,28 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
             tracking.log_input(data)
             tracking.log_text(to_yaml(cfg), "config.yaml")
 
+        pending: list[dict[str, float]] = []  # epochs not yet in MLflow nor in the checkpoint
+        last_save = time.monotonic()
+
+        def save(epoch: int) -> None:
+            """Checkpoint, then log the epochs it covers: MLflow never shows an epoch that a
+            resume would train again."""
+            nonlocal last_save
+            _save_atomic({"config": cfg.to_dict(), "data_digest": data.digest, "epoch": epoch,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict() if sched is not None else None,
+                          "early_stopping": stopper.state_dict(), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": (torch.cuda.get_rng_state_all()
+                                       if torch.cuda.is_available() else None),
+                          "numpy_rng": np.random.get_state(), "history": history,
+                          "train_seconds": train_seconds}, ckpt)
+            for row in pending:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                   step=int(row["epoch"]))
+            pending.clear()
+            last_save = time.monotonic()
+
         stopped = start_epoch >= cfg.epochs or (stopper.patience > 0 and
                                                 stopper.bad_epochs >= stopper.patience)
         epochs_this_call = 0
@@ -109,15 +142,15 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
             if stopped or (max_epochs is not None and epochs_this_call >= max_epochs):
                 break
             desc = f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
-            tr = train_one_epoch(model, xtr, ytr, opt, rt, gen,
-                                 sched if when == "batch" else None, desc=desc)
+            tr = train_one_epoch(step, gen, cfg.augment, sched if when == "batch" else None,
+                                 desc=desc)
             va = evaluate(model, xva, yva, rt)
             train_seconds += tr["seconds"]
             row = {"epoch": epoch, "train/loss": tr["loss"], "train/acc": tr["acc"],
                    "val/loss": va["loss"], "val/acc": va["acc"],
-                   "train/img_per_s": tr["img_per_s"], "lr": opt.param_groups[0]["lr"]}
+                   "train/img_per_s": tr["img_per_s"], "lr": float(opt.param_groups[0]["lr"])}
             history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            pending.append(row)
             print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
                   f"{va['loss']:.4f} acc {va['acc']:.4f} | {tr['img_per_s']:.0f} img/s",
                   flush=True)
@@ -126,16 +159,11 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
             elif when == "epoch" and sched is not None:
                 sched.step()
             stopped = stopper.update(va["acc"], epoch, model)
-            _save_atomic({"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                          "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict() if sched is not None else None,
-                          "early_stopping": stopper.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(),
-                          "cuda_rng": (torch.cuda.get_rng_state_all()
-                                       if torch.cuda.is_available() else None),
-                          "numpy_rng": np.random.get_state(), "history": history,
-                          "train_seconds": train_seconds}, ckpt)
             epochs_this_call += 1
+            halt = max_epochs is not None and epochs_this_call >= max_epochs
+            if stopped or halt or epoch == cfg.epochs - 1 or on_epoch is not None or \
+                    time.monotonic() - last_save >= cfg.checkpoint_every_s:
+                save(epoch)
             if on_epoch is not None:
                 try:
                     on_epoch(epoch, {"val_acc": va["acc"], "train_acc": tr["acc"]})
@@ -145,15 +173,18 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
                     ckpt.unlink(missing_ok=True)
                     return {"run_id": run_id, "stopped": e.state, "epochs_run": len(history),
                             "val_acc": stopper.best}
-        if not stopped and history and len(history) < cfg.epochs:
-            return {"run_id": run_id, "interrupted": True, "epochs_run": len(history)}
-
-        if stopper.best_state is not None:
-            model.load_state_dict(stopper.best_state)  # select on validation
-        result = _finish(model, cfg, rt, data, split, xva, yva, xte, yte, history,
-                         train_seconds, stopper, log_model)
-        mlflow.set_tag("state", "complete")
-        ckpt.unlink(missing_ok=True)
+        interrupted = not stopped and bool(history) and len(history) < cfg.epochs
+        if not interrupted:
+            if stopper.best_state is not None:
+                model.load_state_dict(stopper.best_state)  # select on validation
+            result = _finish(model, cfg, rt, data, split, xva, yva, xte, yte, history,
+                             train_seconds, stopper, log_model)
+            mlflow.set_tag("state", "complete")
+            ckpt.unlink(missing_ok=True)
+    if interrupted:
+        # Not FINISHED: a worker or a report must never take a half-trained run for done.
+        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+        return {"run_id": run_id, "interrupted": True, "epochs_run": len(history)}
     return {"run_id": run_id, **result}
 
 
@@ -219,19 +250,30 @@ def _requirements() -> list[str]:
                                                    "pandas")]
 
 
-def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
-    """Log the model as a pickled torch module taking raw pixels and returning probabilities.
-
-    Pickle, not torch.export: an exported program freezes the example's batch size."""
+def classifier(model: torch.nn.Module, cfg: Config) -> FerClassifier:
+    """The served form of a trained network: fp32 on the CPU, raw pixels in, with the run's TTA."""
     net = build_model(cfg)
     net.load_state_dict({k: v.detach().cpu().float() for k, v in model.state_dict().items()})
-    clf = FerClassifier(net, cfg.normalize).eval()
-    ex = example.astype(np.float32)[:, None]  # (2, 1, 48, 48) raw pixels 0..255
-    info = mlflow.pytorch.log_model(clf, name="model", input_example=ex,
-                                    serialization_format="pickle",
-                                    code_paths=[str(Path(__file__).parent)],
-                                    pip_requirements=_requirements())
+    return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
+
+
+def _model_kwargs(clf: FerClassifier, example: np.ndarray) -> dict[str, Any]:
+    # Pickle, not torch.export: an exported program freezes the example's batch size.
+    return dict(input_example=example.astype(np.float32)[:, None],  # (2, 1, 48, 48), 0..255
+                serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
+                pip_requirements=_requirements())
+
+
+def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
+    """Log the model as a pickled torch module taking raw pixels and returning probabilities."""
+    clf = classifier(model, cfg)
+    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(clf, example))
     return info.model_uri
+
+
+def save_classifier(clf: FerClassifier, example: np.ndarray, path: str | Path) -> None:
+    """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
+    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(clf, example))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,8 +219,10 @@ def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optun
             "params": json.dumps(params, sort_keys=True)}
     if origin is not None:
         tags["retry_of"] = str(origin)
+    # score_test=False: a trial never evaluates the test split, so nothing about it can leak
+    # into the search; only the explicit retrain after the search scores it.
     out = train(cfg, data, run_name=f"trial {trial.number}", parent_run_id=parent, tags=tags,
-                log_model=False, on_epoch=report)
+                log_model=False, on_epoch=report, score_test=False)
     trial.set_user_attr("run_id", out["run_id"])
     if out.get("stopped") == "pruned":
         raise optuna.TrialPruned()

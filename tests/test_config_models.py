@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import STAGES, Config, ConfigError, build, parse_set
-from pipeline.models import FerClassifier, build_model
+from pipeline.models import (BasicBlock, FerClassifier, IdentityResidual, build_model,
+                             residual_blocks, residual_stages, supports_residual)
 from tests.conftest import ROOT
 
 STAGE_FILES = sorted((ROOT / "ablations" / "stages").glob("*.yaml"))
@@ -55,7 +56,8 @@ def test_bad_yaml_file(tmp_path):
         build(p)
 
 
-COMBOS = [(s, bn, res) for s, bn, res in itertools.product(STAGES, (True, False), (True, False))]
+COMBOS = [(s, bn, res) for s, bn, res in itertools.product(STAGES, (True, False), (True, False))
+          if not res or supports_residual(s)]
 
 
 @pytest.mark.parametrize("stage, bn, residual", COMBOS)
@@ -71,16 +73,63 @@ def test_every_stage_and_toggle_trains_a_step(stage, bn, residual):
     has_bn = any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d))
                  for m in model.modules())
     assert has_bn == bn
+    assert (residual_blocks(model) > 0) == residual
 
 
-def test_residual_toggle_changes_the_network():
-    plain = build_model(Config(stage="resnet", residual=False, width=0.125))
-    skip = build_model(Config(stage="resnet", residual=True, width=0.125))
+def test_residual_stages_are_the_ones_with_pairs_of_equal_convs():
+    assert residual_stages() == ["resnet", "improved"]
+    for stage in ("basic", "batchnorm", "advanced"):
+        with pytest.raises(ConfigError, match=f"residual=true on stage {stage}: it has no pair"):
+            build_model(Config(stage=stage, residual=True))
+
+
+def _zero_convs(block: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_residual_block_has_an_identity_path(bn):
+    """With every conv zeroed, a real residual block still passes relu(x) through; a single conv
+    (plus a 1x1 projection folded into it) would output a constant."""
+    blocks = [m for m in build_model(Config(stage="improved", residual=True, batchnorm=bn,
+                                            width=0.125)).modules()
+              if isinstance(m, IdentityResidual)]
+    assert len(blocks) == 2  # around the two 128 and the two 256 convs after each transition
+    for block in blocks:
+        block.eval()
+        _zero_convs(block)
+        c = block.f[0].in_channels
+        x = torch.randn(2, c, 6, 6)
+        assert torch.allclose(block(x), torch.relu(x), atol=1e-5)
+
+
+def test_residual_toggle_adds_skips_not_weights():
+    """Identity skips change the function, not the parameters: the same convs with and without."""
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert n(skip) > n(plain)  # the 1x1 projections
-    conv_plain = build_model(Config(stage="improved", residual=False, width=0.125))
-    conv_skip = build_model(Config(stage="improved", residual=True, width=0.125))
-    assert n(conv_skip) > n(conv_plain)
+    plain = build_model(Config(stage="improved", residual=False, width=0.25))
+    skip = build_model(Config(stage="improved", residual=True, width=0.25))
+    assert n(skip) == n(plain)
+    skip.load_state_dict(_renamed(plain.state_dict(), skip.state_dict()))
+    plain.eval(), skip.eval()
+    x = torch.randn(3, 1, 48, 48)
+    assert not torch.allclose(plain(x), skip(x), atol=1e-4)
+    # The ResNet's downsampling blocks need 1x1 projections; its other blocks are identities.
+    r_plain = build_model(Config(stage="resnet", residual=False, width=0.125))
+    r_skip = build_model(Config(stage="resnet", residual=True, width=0.125))
+    projections = [m for m in r_skip.modules() if isinstance(m, BasicBlock)
+                   and not isinstance(m.shortcut, torch.nn.Identity)]
+    assert len(projections) == 3 and residual_blocks(r_plain) == 0
+
+
+def _renamed(src: dict, like: dict) -> dict:
+    """Same tensors in the same order under the other model's names."""
+    assert [v.shape for v in src.values()] == [v.shape for v in like.values()]
+    return dict(zip(like.keys(), src.values()))
 
 
 def test_design_shapes():

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -56,7 +57,14 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path):
             "trials.csv"} <= arts
     cfg = build(Path("rep/best_config.yaml"))  # train --config accepts it
     assert cfg.scheduler == s["best_params"]["scheduler"] and cfg.stage == "basic"
-    assert "test_acc" not in mlflow.get_run(parent).data.metrics  # selection never sees test
+    for r in runs:  # a trial never evaluates the test split: no metric, no prediction
+        assert not any(k.startswith("test") for k in r.data.metrics), r.data.metrics
+        if r.data.tags["state"] != "complete":
+            continue  # a pruned trial stops before its final evaluation
+        preds = mlflow.artifacts.download_artifacts(run_id=r.info.run_id,
+                                                    artifact_path="predictions.npz")
+        with np.load(preds) as z:
+            assert set(z.files) == {"val", "val_tta", "val_labels"}
 
 
 def test_resume_up_to_n(kaggle_csv, tmp_path):

@@ -1,0 +1,580 @@
+"""``python -m pipeline.ablate``: the ablation study, as one parent MLflow run with a child per cell
+and seed, handed out to any number of workers through an Optuna storage used as a work queue.
+
+Each (cell, seed) is one enqueued Optuna trial. A worker claims a waiting trial atomically (the
+storage's row lock), trains it, and marks it complete or failed with its reason. Workers record a
+heartbeat; when one dies, any other worker turns its stale trial back into a waiting one, so no
+cell is lost and none is trained twice. The report is built from MLflow by whichever worker finds
+the queue empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from . import data as fer
+from . import plots, stats, tracking
+from .cli import EXPECTED, UsageError, parser, run_main
+from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
+from .models import supports_residual
+from .train import train
+from .workers import Heartbeat, open_storage
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("smoke", "quick", "full")
+DEFAULT_STORAGE = "sqlite:///ablate.db"
+
+
+# --------------------------------------------------------------------------- the study file
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # e.g. "loo -batchnorm", "stage advanced", "aoi +augment"
+    kind: str  # stage | loo | aoi
+    stage: str
+    overrides: dict[str, Any]
+    toggle: str | None = None
+
+
+@dataclass
+class Study:
+    path: Path
+    reference: str  # a stage name or a config YAML (e.g. the tuner's best_config.yaml)
+    base: str
+    ladder: list[str]
+    seeds: int
+    reported: dict[str, float]
+    toggles: dict[str, dict]
+    profile: str
+    budget: dict[str, Any]
+    log_models: str  # all | none | reference (the reference stage's seed-0 model only)
+    cells: list[Cell] = field(default_factory=list)
+    # Cells left out because the toggle has nothing to act on in that stage, with the reason.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def config(self, cell: Cell, seed: int) -> Config:
+        return build(config_path(cell.stage), {**cell.overrides, **self.budget, "seed": seed})
+
+    def reduced(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.budget.items()) or "none (the study's own settings)"
+
+
+def _need(d: dict, key: str, kind: type, where: str) -> Any:
+    if key not in d:
+        raise UsageError(f"{where}: missing key {key!r}.")
+    if not isinstance(d[key], kind):
+        raise UsageError(f"{where}: {key} must be a {kind.__name__}, got {d[key]!r}.")
+    return d[key]
+
+
+def load_study(path: str | Path, profile: str, seeds: int | None = None,
+               budget: dict[str, Any] | None = None) -> Study:
+    """Read and check the study file; every cell's config is built here, before any training."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such study file.")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"{p}: not valid YAML ({e}).") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{p}: expected a mapping with reference, toggles, profiles, ...")
+    profiles = _need(d, "profiles", dict, str(p))
+    if profile not in profiles:
+        raise UsageError(f"{p}: unknown profile {profile!r}; this study has "
+                         f"{', '.join(profiles)}.")
+    prof = profiles[profile] or {}
+    toggles = _need(d, "toggles", dict, str(p))
+    unknown = sorted(set(toggles) - set(TOGGLES))
+    if unknown:
+        raise UsageError(f"{p}: unknown toggle(s) {unknown}; valid toggles: {', '.join(TOGGLES)}.")
+    for t, spec in toggles.items():
+        if not (isinstance(spec, dict) and (spec.get("eval_only") or
+                                            {"with", "without"} <= set(spec))):
+            raise UsageError(f"{p}: toggle {t!r} needs 'with' and 'without' config keys "
+                             f"(or eval_only: true).")
+    reported = d.get("reported") or {}
+    s = Study(path=p, reference=_need(d, "reference", str, str(p)),
+              base=_need(d, "base", str, str(p)), ladder=list(_need(d, "ladder", list, str(p))),
+              seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
+              reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
+              profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
+              log_models="all" if prof.get("log_models", False) else "none")
+    if s.seeds < 1:
+        raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
+    try:
+        for k, v in s.budget.items():
+            coerce(k, v, f"{p} profile {profile}")
+        s.cells = _cells(s)
+        for c in s.cells:
+            s.config(c, 0)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return s
+
+
+def _is_on(cfg: Config, spec: dict) -> bool:
+    return all(getattr(cfg, k) == v for k, v in spec["with"].items())
+
+
+def _cells(s: Study) -> list[Cell]:
+    # The reference and base need their own cells when they are not on the ladder (a tuned
+    # config YAML as the reference, say).
+    names = list(dict.fromkeys([*s.ladder, s.reference, s.base]))
+    cells = [Cell(f"stage {st}", "stage", st, {}) for st in names]
+    ref = build(config_path(s.reference))
+    base = build(config_path(s.base))
+    for t, spec in s.toggles.items():
+        if spec.get("eval_only"):
+            continue
+        on = _is_on(ref, spec)
+        # Leave-one-out: flip the toggle in the reference (for one it lacks, "flip" means add).
+        loo = Cell(f"loo {'-' if on else '+'}{t}", "loo", s.reference,
+                   dict(spec["without" if on else "with"]), t)
+        aoi = None if _is_on(base, spec) else Cell(f"aoi +{t}", "aoi", s.base, dict(spec["with"]), t)
+        for cell, cfg in ((loo, ref), (aoi, base)):
+            if cell is None:
+                continue
+            if t == "residual" and not supports_residual(cfg.stage):
+                s.skipped.append((cell.name, f"stage {cfg.stage} has no pair of convs at a "
+                                             f"constant channel count to put a skip around"))
+                continue
+            cells.append(cell)
+    return cells
+
+
+# --------------------------------------------------------------------------- the work queue
+
+
+def fingerprint(s: Study) -> str:
+    spec = [(c.name, c.stage, sorted(c.overrides.items())) for c in s.cells]
+    return hashlib.sha1(json.dumps([spec, s.seeds, sorted(s.budget.items())],
+                                   default=str).encode()).hexdigest()[:12]
+
+
+def open_study(storage, name: str, s: Study, digest: str, entry_run_id: str | None,
+               wait_s: float = 120) -> tuple[optuna.Study, bool]:
+    """Create the study and its queue (first worker) or join it (every other worker)."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage)
+        created = False
+    if created:
+        try:
+            _set_up_queue(study, name, s, digest, entry_run_id)
+        except BaseException:
+            # Leave nothing half-made: a study without its full queue must not look valid.
+            optuna.delete_study(study_name=name, storage=storage)
+            raise
+    deadline = time.time() + wait_s
+    while not study.user_attrs.get("ready"):
+        if time.time() > deadline:
+            raise UsageError(f"study {name!r} exists but its queue was never completed (its "
+                             f"creator died while enqueuing); delete it or use --study-name.")
+        time.sleep(1)
+    attrs = study.user_attrs
+    if attrs["fingerprint"] != fingerprint(s) or attrs["data_digest"] != digest:
+        raise UsageError(f"study {name!r} already exists with other cells, seeds, budget or data; "
+                         f"use another --study-name for a different study.")
+    return study, created
+
+
+def _set_up_queue(study: optuna.Study, name: str, s: Study, digest: str,
+                  entry_run_id: str | None) -> None:
+    """The creating worker: the parent run, then one waiting trial per (cell, seed)."""
+    client = mlflow.MlflowClient()
+    parent = entry_run_id or client.create_run(
+        tracking.experiment_id(), run_name=f"ablation {s.profile}",
+        tags={"study": name, "role": "study", "git_commit": tracking.git_commit()}).info.run_id
+    client.set_tag(parent, "study", name)
+    client.set_tag(parent, "role", "study")
+    client.set_tag(parent, "mlflow.runName", f"ablation {s.profile}")
+    # Prefixed: under `mlflow run` the parent already holds the entry point's own params.
+    for k, v in {"study_profile": s.profile, "study_seeds": s.seeds,
+                 "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
+                 "data_digest": digest}.items():
+        client.log_param(parent, k, v)
+    for c in s.cells:
+        for seed in range(s.seeds):
+            study.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
+    study.set_user_attr("fingerprint", fingerprint(s))
+    study.set_user_attr("data_digest", digest)
+    study.set_user_attr("parent_run_id", parent)
+    study.set_user_attr("ready", True)  # last: joiners wait for a complete queue
+
+
+def claim(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """Take one waiting trial; the storage locks the row, so two workers never take the same."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+            # Beat at once: a RUNNING trial that never beat is never found stale, so a worker
+            # killed right after claiming would hold its cell forever.
+            study._storage.record_heartbeat(t._trial_id)
+            return t
+    return None
+
+
+def find_run(study_name: str, cell: str, seed: int, status: str | None = None):
+    filt = (f"tags.study = '{study_name}' and tags.cell = '{cell}' and tags.seed = '{seed}'")
+    if status:
+        filt += f" and attributes.status = '{status}'"
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=filt,
+                              output_format="list", max_results=5)
+    return runs[0] if runs else None
+
+
+def run_cell(s: Study, study_name: str, cell: Cell, seed: int, data: fer.FerData,
+             parent: str) -> dict[str, Any]:
+    done = find_run(study_name, cell.name, seed, "FINISHED")
+    if done is not None:  # a worker that died after MLflow finished, before the queue heard
+        return {"run_id": done.info.run_id, "val_acc": done.data.metrics.get("val_acc")}
+    earlier = find_run(study_name, cell.name, seed)
+    cfg = s.config(cell, seed)
+    return train(cfg, data, run_name=f"{cell.name} s{seed}", parent_run_id=parent,
+                 resume_run_id=earlier.info.run_id if earlier else None,
+                 tags={"study": study_name, "cell": cell.name, "cell_kind": cell.kind,
+                       "toggle": cell.toggle or ""},
+                 log_model=s.log_models == "all" or (s.log_models == "reference" and seed == 0
+                                                     and cell.name == f"stage {s.reference}"))
+
+
+def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
+         poll: float = 5.0) -> dict[str, int]:
+    """Train waiting cells until none is left, and none is running anywhere."""
+    by_name = {c.name: c for c in s.cells}
+    parent = study.user_attrs["parent_run_id"]
+    storage = study._storage
+    counts = {"trained": 0, "failed": 0}
+    total = len(s.cells) * s.seeds
+    while True:
+        optuna.storages.fail_stale_trials(study)  # dead workers' cells go back to the queue
+        t = claim(study)
+        if t is None:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
+                return counts
+            print(f"waiting for {len(running)} running cell(s) on other workers", flush=True)
+            time.sleep(poll)
+            continue
+        cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        print(f"[{finished + 1}/{total}] {cell.name} seed {seed}", flush=True)
+        try:
+            with Heartbeat(storage, t._trial_id, heartbeat):
+                out = run_cell(s, study.study_name, cell, seed, data, parent)
+            storage.set_trial_user_attr(t._trial_id, "run_id", out["run_id"])
+            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE,
+                                           [float(out.get("val_acc") or 0.0)])
+            counts["trained"] += 1
+        except KeyboardInterrupt:
+            # Hand the cell straight back instead of waiting for the heartbeat to go stale.
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(t._trial_id))
+            raise
+        except (*EXPECTED, RuntimeError, MemoryError, ValueError) as e:
+            # A failed cell (NaN, out of memory) is recorded with its reason; the study goes on.
+            reason = f"{type(e).__name__}: {e}"[:1000]
+            print(f"cell {cell.name} seed {seed} failed: {reason}", flush=True)
+            storage.set_trial_user_attr(t._trial_id, "error", reason)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            counts["failed"] += 1
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _fmt(m: float, lo: float, hi: float, scale: float = 100) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    if not math.isfinite(lo):
+        return f"{m * scale:+.2f}"
+    return f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]"
+
+
+def collect(study: optuna.Study) -> tuple[dict, list[dict]]:
+    """Finished runs by (cell, seed), and the failed cells with their reasons."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.study = '{study.study_name}' and "
+                                            f"attributes.status = 'FINISHED'")
+    by_cell: dict[tuple[str, int], Any] = {}
+    for r in runs:
+        if "cell" in r.data.tags:
+            by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = r
+    retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+    failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
+               "error": t.user_attrs.get("error", "worker lost")}
+              for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if t.number not in retried and
+              (t.user_attrs.get("cell"), t.user_attrs.get("seed")) not in by_cell]
+    return by_cell, failed
+
+
+def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
+    """Each component's effect (with minus without) on val and test accuracy, paired by seed,
+    with its t-interval and paired t-test over the seeds."""
+    ref_cell, base_cell = f"stage {s.reference}", f"stage {s.base}"
+    rows = []
+
+    def pair(label: str, on_cell: str, off_cell: str, on_key: str = "", off_key: str = ""):
+        row: dict[str, Any] = {"label": label, "on": on_cell, "off": off_cell}
+        seeds = sorted({sd for (c, sd) in by_cell if c == on_cell} &
+                       {sd for (c, sd) in by_cell if c == off_cell})
+
+        def accs(cell: str, part: str, key: str) -> dict[int, float]:
+            return {sd: by_cell[(cell, sd)].data.metrics.get(f"{part}_acc{key}", math.nan)
+                    for sd in seeds}
+
+        for part in ("val", "test"):
+            e = stats.paired_effect(accs(on_cell, part, on_key), accs(off_cell, part, off_key))
+            row.update({f"{part}_{k}": e[k] for k in ("mean", "lo", "hi", "p", "n")})
+        row["n"] = len(seeds)
+        rows.append(row)
+
+    for c in s.cells:
+        if c.kind == "loo":
+            if c.name.startswith("loo -"):
+                pair(f"{c.toggle} (leave-one-out)", ref_cell, c.name)
+            else:
+                pair(f"{c.toggle} (added to reference)", c.name, ref_cell)
+        elif c.kind == "aoi":
+            pair(f"{c.toggle} (added to {s.base})", c.name, base_cell)
+    if "tta" in s.toggles:
+        pair(f"tta (on {s.reference})", ref_cell, ref_cell, "_tta", "")
+    return rows
+
+
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
+                 "The `{profile}` profile trains every cell for a fraction of the study's own "
+                 "budget, so its models end near chance and some effects here have the opposite "
+                 "sign of their full-budget value. Read the `full` profile's report for the "
+                 "study's answer.")
+
+
+def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -> str:
+    by_cell, failed = collect(study)
+    rows = effects(s, by_cell)
+    ladder_rows, measured = [], {}
+    for st in s.ladder:
+        cell = f"stage {st}"
+        runs = [r for (c, _), r in sorted(by_cell.items()) if c == cell]
+        acc = {k: stats.mean_ci([r.data.metrics.get(k, math.nan) for r in runs])
+               for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "epochs_run",
+                         "train_seconds")}
+        measured[st] = acc["val_acc"]
+        ladder_rows.append((st, s.reported.get(st, math.nan), acc, len(runs)))
+
+    def pct(m, lo, hi):
+        if not math.isfinite(m):
+            return "n/a"
+        return f"{m:.3f}" if not math.isfinite(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    device = next((r.data.tags.get("device") for r in by_cell.values()), "?")
+    lines = [f"# Ablation report: `{study.study_name}`", ""]
+    if s.profile != "full":
+        lines += [QUICK_WARNING.format(profile=s.profile), ""]
+    lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
+              + (f", wall time {wall_s / 60:.1f} min" if wall_s else "") + ".",
+              f"Budget applied to every cell: {s.reduced()}.",
+              "Effects are accuracy points (with minus without), mean and 95% t-interval over "
+              "seeds, paired by seed; p is the paired t-test over the same seeds (two-sided), "
+              "so it agrees with the interval: p < 0.05 exactly when the interval excludes 0. "
+              "With few seeds both are wide; a seed is one trained model, the unit of evidence.",
+              "Val figures come from the epoch that val itself selected, so they are optimistic; "
+              "the test figures are not.", "",
+              "## Effects", "",
+              "| component | seeds | val effect (points) | val p | test effect (points) "
+              "| test p |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['val_mean'], r['val_lo'], r['val_hi'])}"
+                     f" | {_p(r['val_p'])} | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} "
+                     f"| {_p(r['test_p'])} |")
+    lines += ["", "Cells: `stage X` trains a stage as the study describes it; `loo -T` is the "
+              f"reference ({s.reference}) with toggle T left out (`loo +T`: added, where the "
+              f"reference lacks it); `aoi +T` is the base ({s.base}) with T added in.", ""]
+    for name, why in s.skipped:
+        lines.append(f"- `{name}` is left out: {why}.")
+    lines += ["", "## Stage ladder", "",
+              "| stage | reported val | val acc | val acc (TTA) | test acc | test acc (TTA) "
+              "| epochs run | train min | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for st, rep, acc, n in ladder_rows:
+        ep, secs = acc["epochs_run"][0], acc["train_seconds"][0]
+        lines.append(f"| {st} | {rep:.2f} | {pct(*acc['val_acc'])} | {pct(*acc['val_acc_tta'])} "
+                     f"| {pct(*acc['test_acc'])} | {pct(*acc['test_acc_tta'])} | "
+                     f"{'n/a' if not math.isfinite(ep) else f'{ep:.0f}'} | "
+                     f"{'n/a' if not math.isfinite(secs) else f'{secs / 60:.1f}'} | {n} |")
+    missing = [(c.name, sd) for c in s.cells for sd in range(s.seeds) if (c.name, sd) not in by_cell]
+    if failed or missing:
+        lines += ["", "## Missing cells", ""]
+        reasons = {(f["cell"], f["seed"]): f["error"] for f in failed}
+        for c, sd in missing:
+            lines.append(f"- `{c}` seed {sd}: {reasons.get((c, sd), 'not finished yet')}")
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    figs = {"forest.png": plots.forest(rows, "test") if rows else None,
+            "ladder.png": plots.ladder(s.ladder, measured, s.reported)}
+    parent = study.user_attrs["parent_run_id"]
+    client = mlflow.MlflowClient()
+    for name, fig in figs.items():
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=110)
+            client.log_artifact(parent, str(out_dir / name), "report")
+    client.log_artifact(parent, str(out_dir / "report.md"), "report")
+    for r in rows:
+        key = "effect_" + "".join(ch if ch.isalnum() else "_" for ch in r["label"]).strip("_")
+        for part in ("val", "test"):
+            for stat in ("mean", "lo", "hi"):
+                v = r[f"{part}_{stat}"]
+                if math.isfinite(v):
+                    suffix = "" if stat == "mean" else f"_{stat}"
+                    client.log_metric(parent, f"{key}/{part}_points{suffix}", 100 * v)
+    return text
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
+               budget: dict[str, Any], storage_url: str, study_name: str | None,
+               report_dir: str, heartbeat: int = 20, jobs: int = 1,
+               log_models: str | None = None, write_report: bool = True) -> dict[str, Any]:
+    t0 = time.time()
+    s = load_study(study_path, profile, seeds, budget)  # errors before anything else
+    if log_models is not None:
+        s.log_models = log_models
+    data = fer.load(data_path)
+    fer.check_usage(data)
+    tracking.check_reachable()
+    storage = open_storage(storage_url, heartbeat)
+    # The default name changes with the cells, seeds, budget and data, so an edited study file
+    # starts a new study instead of clashing with the old one; an unchanged one resumes.
+    name = study_name or (f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-6:]}-"
+                          f"{fingerprint(s)[:6]}")
+    # Under `mlflow run` the entry's run becomes the parent (when this worker creates the
+    # study); child runs must not resume it through the environment.
+    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    study, created = open_study(storage, name, s, data.digest, entry_run)
+    parent = study.user_attrs["parent_run_id"]
+    if entry_run and entry_run != parent:
+        mlflow.MlflowClient().set_tag(entry_run, "ablation_worker_of", parent)
+    print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
+          f"({'created' if created else 'joined'}), parent run {parent}", flush=True)
+    # Extra local workers join the study only now that it exists, so they never race to
+    # create the stores.
+    helpers = [_start_worker(data_path, study_path, s, budget, storage_url, name, heartbeat,
+                             jobs) for _ in range(jobs - 1)]
+    try:
+        counts = work(study, s, data, heartbeat)
+    finally:
+        for h in helpers:
+            if h.wait() != 0:
+                print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
+                      f"back to the queue", flush=True)
+    if not write_report:
+        return {"study": name, "parent_run_id": parent, "report": "", **counts}
+    if any(h.returncode != 0 for h in helpers):
+        counts = {k: counts[k] + v for k, v in work(study, s, data, heartbeat).items()}
+    text = report(study, s, Path(report_dir), time.time() - t0)
+    client = mlflow.MlflowClient()
+    if client.get_run(parent).info.status == "RUNNING" and parent != entry_run:
+        client.set_terminated(parent, "FINISHED")
+    return {"study": name, "parent_run_id": parent, "report": text, **counts}
+
+
+def worker_threads(jobs: int) -> int:
+    """Threads per worker when ``jobs`` share this machine: one pool each oversubscribes the
+    cores, and two trainings on 2 cores then each ran 25x slower than one alone."""
+    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+
+def _start_worker(data_path: str, study_path: str, s: Study, budget: dict[str, Any],
+                  storage_url: str, name: str, heartbeat: int, jobs: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "pipeline.ablate", "--data", data_path, "--study", study_path,
+            "--profile", s.profile, "--seeds", str(s.seeds), "--storage", storage_url,
+            "--study-name", name, "--heartbeat", str(heartbeat), "--log-models", s.log_models,
+            "--threads", str(worker_threads(jobs)), "--no-report"]
+    for key, flag in (("epochs", "--epochs"), ("data_fraction", "--data-fraction"),
+                      ("width", "--width")):
+        if budget.get(key):
+            args += [flag, str(budget[key])]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+           "MLFLOW_EXPERIMENT_ID": tracking.experiment_id()}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen(args, env=env)
+
+
+def _whole(text: str) -> int:
+    """An int that MLproject may have passed as a float ("3.0")."""
+    v = float(text)
+    if v != int(v) or v < 0:
+        raise ValueError(text)
+    return int(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Run the ablation study (resumable; start it on several machines to share it).")
+    p.add_argument("--data", required=True)
+    p.add_argument("--study", default=str(ROOT / "ablations" / "study.yaml"))
+    p.add_argument("--profile", default="quick", choices=PROFILES)
+    p.add_argument("--seeds", type=_whole, default=None,
+                   help="seeds per cell (default: the study's; 0 also means that)")
+    p.add_argument("--epochs", type=_whole, default=None, help="cap (0: the profile's)")
+    p.add_argument("--data-fraction", type=float, default=None)
+    p.add_argument("--width", type=float, default=None)
+    p.add_argument("--storage", default=None,
+                   help=f"Optuna storage shared by the workers (default {DEFAULT_STORAGE}; "
+                        f"postgresql://... for several machines)")
+    p.add_argument("--study-name", default=None)
+    p.add_argument("--report-dir", default="ablation_report")
+    p.add_argument("--heartbeat", type=int, default=20, help="seconds between worker heartbeats")
+    p.add_argument("--jobs", type=_whole, default=1,
+                   help="workers on this machine (one process each, the CPU threads split "
+                        "between them; on a GPU they share it)")
+    p.add_argument("--log-models", choices=("all", "none", "reference"), default=None,
+                   help="which runs log an MLflow model (default: the profile's; reference: "
+                        "only the reference stage's seed-0 run)")
+    p.add_argument("--threads", type=_whole, default=0,
+                   help="torch CPU threads of this worker (0: the cores split over --jobs)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="build the report when the queue is empty (extra workers leave it to "
+                        "the one that started them)")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
+    torch.set_num_threads(a.threads or worker_threads(a.jobs))
+    budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
+                                ("width", a.width)) if v}
+    tracking.setup(a.experiment)
+    out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
+                     a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
+                     a.heartbeat, a.jobs, a.log_models, a.report)
+    print(out["report"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,180 @@
+"""``python -m pipeline.bench``: training and evaluation images/s for every stage, data load times,
+and the plain approach (PIL + per-image torchvision transforms in a DataLoader, fp32) for the
+improved stage, so the speed-up is measured side by side."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as fer
+from .cli import parser, run_main
+from .config import STAGE_DIR, STAGES, build
+from .engine import (Runtime, TrainStep, build_optimizer, predict, seed_everything,
+                     train_one_epoch)
+from .models import build_model
+
+
+
+def _images(data: fer.FerData | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if data is not None:
+        rows = np.arange(min(n, len(data)))
+        return data.images[rows], data.labels[rows]
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 48, 48), dtype=np.uint8), rng.integers(0, 7, n)
+
+
+def bench_stage(stage: str, images: np.ndarray, labels: np.ndarray, overrides: dict,
+                seconds: float) -> dict[str, float]:
+    """Training images/s through the same step as ``train`` (optimizer, augmentation, CUDA
+    graph where the run would use one), and evaluation images/s."""
+    cfg = build(STAGE_DIR / f"{stage}.yaml", overrides)
+    rt = Runtime(cfg)
+    seed_everything(0)
+    model = rt.model(build_model(cfg))
+    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
+    x = torch.from_numpy(images).unsqueeze(1).to(rt.device)
+    y = torch.from_numpy(labels).to(rt.device)
+    gen = torch.Generator().manual_seed(0)
+    step = TrainStep(model, opt, rt, x, y, cfg.batch_size)
+    train_one_epoch(step, gen, cfg.augment)  # warm-up: allocator, kernels, graph capture
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        train_one_epoch(step, gen, cfg.augment)
+        done += len(y) - (len(y) % cfg.batch_size if step.graphed else 0)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_ips = done / (time.perf_counter() - t0)
+    predict(model, x[:256], rt)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:
+        predict(model, x[:1024], rt)
+        done += min(1024, len(x))
+    return {"train_img_per_s": round(train_ips, 1),
+            "eval_img_per_s": round(done / (time.perf_counter() - t0), 1),
+            "cuda_graph": step.graphed}
+
+
+def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
+                seconds: float) -> float:
+    """The usual recipe: PIL images, per-image torchvision transforms in DataLoader workers,
+    fp32 contiguous tensors."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    cfg = build(STAGE_DIR / "improved.yaml", overrides)
+    device = Runtime(cfg).device
+    tf = T.Compose([T.RandomAffine(cfg.rotation, (cfg.translate, cfg.translate),
+                                   (cfg.scale_min, cfg.scale_max)),
+                    T.RandomHorizontalFlip(), T.ColorJitter(cfg.brightness, cfg.contrast),
+                    T.ToTensor(), T.Normalize([0.5], [0.5])])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(images[i])), int(labels[i])
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=cfg.batch_size, shuffle=True,
+                                         num_workers=2, persistent_workers=True)
+    seed_everything(0)
+    model = build_model(cfg).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    done, t0, warm = 0, 0.0, 2
+    while True:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if warm:
+                warm -= 1
+                if not warm:
+                    t0 = time.perf_counter()
+                continue
+            done += len(y)
+            if time.perf_counter() - t0 > seconds:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return done / (time.perf_counter() - t0)
+
+
+def _dump_csv(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    with open(path, "w") as fh:
+        fh.write("emotion,pixels,Usage\n")
+        for img, lab in zip(images, labels):
+            fh.write(f"{lab},{' '.join(map(str, img.ravel()))},Training\n")
+
+
+def run_bench(data_path: str | None, overrides: dict, seconds: float,
+              stages: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        import os
+
+        os.environ["FER_CACHE_DIR"] = tmp  # time a cold parse, then a warm cache hit
+        if data_path is None:
+            imgs, labs = _images(None, 16384 if torch.cuda.is_available() else 4096)
+            data_path = str(Path(tmp) / "bench.csv")
+            _dump_csv(imgs, labs, Path(data_path))
+        t0 = time.perf_counter()
+        data = fer.load(data_path)
+        out["parse_seconds"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        fer.load(data_path)
+        out["cached_load_seconds"] = round(time.perf_counter() - t0, 3)
+        out["rows"] = len(data)
+    # A GPU epoch of 2,048 images is over before its clocks rise; give it more.
+    images, labels = _images(data, 16384 if torch.cuda.is_available() else 2048)
+    out["stages"] = {}
+    for s in stages:
+        out["stages"][s] = bench_stage(s, images, labels, overrides, seconds)
+        print(f"{s:10s} {out['stages'][s]}", flush=True)
+    if "improved" in stages:
+        plain = bench_plain(images, labels, overrides, seconds)
+        out["plain_improved_train_img_per_s"] = round(plain, 1)
+        out["speedup_improved"] = round(out["stages"]["improved"]["train_img_per_s"] / plain, 2)
+    rt = Runtime(build(STAGE_DIR / "improved.yaml", overrides))
+    out["device"] = f"{rt.device.type}{'-bf16' if rt.bf16 else '-fp32'}" + (
+        f" ({torch.cuda.get_device_name()})" if rt.device.type == "cuda" else
+        f" ({torch.get_num_threads()} threads)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Measure training/evaluation throughput per stage and data load times.")
+    p.add_argument("--data", default=None, help="time parsing this file (default: a generated one)")
+    p.add_argument("--seconds", type=float, default=10.0, help="timing window per measurement")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every stage, e.g. --set width=0.5")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from .config import parse_set
+
+    out = run_bench(a.data, parse_set(a.set), a.seconds, a.stages.split(","))
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"device {out['device']}: parse {out['parse_seconds']} s, cached load "
+              f"{out['cached_load_seconds']} s ({out['rows']} rows)")
+        if "speedup_improved" in out:
+            print(f"improved: plain approach {out['plain_improved_train_img_per_s']} img/s, "
+                  f"this pipeline {out['stages']['improved']['train_img_per_s']} img/s "
+                  f"({out['speedup_improved']}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

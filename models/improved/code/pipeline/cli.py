@@ -1,0 +1,62 @@
+"""What every entry point shares: common arguments and turning known errors into one paragraph."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from .config import ConfigError
+from .data import DataError
+
+
+class UsageError(ValueError):
+    """Bad arguments or a bad study/search file, phrased for the person who typed them."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, for example)."""
+
+
+EXPECTED = (DataError, ConfigError, UsageError, TrainingError, ConnectionError, FileNotFoundError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (ignored under `mlflow run`, which chose one); "
+                        "default fer2013")
+    return p
+
+
+def quiet_libraries() -> None:
+    # MLflow and alembic print migrations and hints on every start; keep the terminal for our own
+    # progress and results.
+    os.environ.setdefault("MLFLOW_ENABLE_PROACTIVE_SYSTEM_METRICS", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "optuna", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
+    # Workers record trial heartbeats themselves (pipeline.workers.Heartbeat) around ask/tell.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+
+
+def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run an entry point; expected errors print one paragraph and exit 2, never a traceback."""
+    quiet_libraries()
+    try:
+        code = fn(argv)
+    except EXPECTED as e:
+        # One line: the terminal wraps it, and grep and logs keep it whole.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,359 @@
+"""Exactly one training epoch and one evaluation, each returning a dict; plus the pieces they need
+(device, precision, optimiser, scheduler, early stopping, seeding)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import N_DRAWS, augment_batch, normalize, tta_thetas, warp
+from .cli import TrainingError
+from .config import OPTIMIZERS, SCHEDULERS, Config
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """The one place runs are seeded."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto`` takes bf16 only where the hardware computes it natively: CPUs without
+    AVX512-BF16/AMX emulate it and run several times slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def build_optimizer(cfg: Config, params, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: Adam with its step count and lr as device tensors, so a CUDA graph can
+    replay its update and a scheduler can still change the lr between replays."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        if capturable:
+            params = list(params)
+            lr = torch.tensor(cfg.lr, device=params[0].device)
+            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay,
+                                    capturable=True, foreach=True)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict`` that keeps each group's lr the kind this optimizer was built
+    with: a checkpoint stores a capturable Adam's lr as a tensor (on the CPU once loaded), and a
+    captured graph must keep reading the device tensor it was built with."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, old in zip(opt.param_groups, lrs):
+        if isinstance(old, torch.Tensor):
+            old.fill_(float(g["lr"]))
+            g["lr"] = old
+        else:
+            g["lr"] = float(g["lr"])
+
+
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """Returns (scheduler or None, when): when is 'batch', 'epoch' or 'metric' (plateau)."""
+    s = cfg.scheduler
+    if s == "none":
+        return None, "epoch"
+    if s == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr), "metric"
+    if s == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.cosine_floor), "epoch"
+    if s == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.onecycle_max_lr, total_steps=cfg.epochs * steps_per_epoch,
+            pct_start=cfg.onecycle_pct_start), "batch"
+    if s == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size,
+                                               gamma=cfg.step_gamma), "epoch"
+    raise ValueError(f"unknown scheduler {s!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best val accuracy and its weights; ``patience`` 0 never stops."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def update(self, acc: float, epoch: int, model: nn.Module) -> bool:
+        """Record an epoch; returns True when training should stop."""
+        if acc > self.best:
+            self.best, self.best_epoch, self.bad_epochs = acc, epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True)
+                               for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "best_state": self.best_state}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+class Runtime:
+    """Device, precision and memory format, decided once per run."""
+
+    def __init__(self, cfg: Config):
+        self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        if self.channels_last and self.device.type == "cpu" and cfg.stage == "resnet" \
+                and cfg.width < 0.25:
+            # oneDNN in torch 2.14 on AVX-512 CPUs segfaults in the narrow ResNet's channels_last
+            # convolutions (the smoke profile's width .125); contiguous tensors avoid that path.
+            self.channels_last = False
+        # A CUDA graph replays one fixed kernel sequence: only where nothing in the step needs
+        # the host (Adam's capturable update; schedulers that change the lr alone).
+        self.graphs = (cfg.cuda_graphs and self.device.type == "cuda" and cfg.optimizer == "adam"
+                       and cfg.scheduler != "onecycle")
+        self.cfg = cfg
+
+    def autocast(self, cache: bool = True):
+        if not self.bf16:
+            return nullcontext()
+        # A graph capture must not keep autocast's cast-weight cache (stale across replays).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 48, 48) uint8 on device -> float in [0, 1], in the run's memory format."""
+        x = x_uint8.float().div_(255.0)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+class TrainStep:
+    """One optimisation step on a batch given by indices into the run's uint8 images: gather,
+    augment, normalise, forward, loss, backward, clip, update, and running sums of loss and
+    correct answers kept on the device.
+
+    On a GPU with ``rt.graphs`` the step is captured once as a CUDA graph (after three eager
+    warm-up steps on a side stream, which settle cuDNN's algorithm choice and the allocator)
+    and then replayed: at batch 64 on 48x48 faces a step is a few hundred small kernels, and
+    launching them one by one from Python costs more than running them. A graph has one batch
+    shape, so the epoch's last, partial batch is skipped (a different one each epoch).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
+                 images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.model, self.opt, self.rt = model, opt, rt
+        self.images, self.labels = images, labels  # on the device, for the whole run
+        self.batch_size = batch_size
+        dev = rt.device
+        self.loss_sum = torch.zeros((), device=dev)
+        self.correct = torch.zeros((), device=dev, dtype=torch.long)
+        self.finite = torch.ones((), device=dev, dtype=torch.bool)
+        self.last_loss = torch.zeros((), device=dev)
+        self.graphed = rt.graphs and len(labels) >= batch_size
+        if self.graphed:
+            self.idx = torch.zeros(batch_size, device=dev, dtype=torch.long)
+            self.u = torch.zeros(batch_size, N_DRAWS, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+
+    def reset(self) -> None:
+        """Zero the running sums in place (a captured graph holds their addresses)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.finite.fill_(True)
+
+    def _body(self, idx: torch.Tensor, u: torch.Tensor | None, cache: bool = True) -> None:
+        cfg = self.rt.cfg
+        x = self.rt.to_input(self.images[idx])
+        y = self.labels[idx]
+        if cfg.augment:
+            x = augment_batch(x, cfg, u)
+        x = normalize(x, cfg.normalize)
+        with self.rt.autocast(cache):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        loss = loss.detach()
+        self.last_loss.copy_(loss)
+        self.loss_sum.add_(loss * len(idx))
+        self.correct.add_((logits.argmax(1) == y).sum())
+        self.finite.logical_and_(torch.isfinite(loss))
+
+    def __call__(self, idx: torch.Tensor, u: torch.Tensor | None) -> None:
+        self.steps += 1
+        if not self.graphed:
+            self.opt.zero_grad(set_to_none=True)
+            self._body(idx, u)
+            return
+        self.idx.copy_(idx)
+        if u is not None:
+            self.u.copy_(u)
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.opt.zero_grad(set_to_none=True)
+            self._body(self.idx, self.u, cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.steps >= self.WARMUP:
+            # Grads set to None now are allocated by the capture from the graph's own pool,
+            # and every replay's backward writes them afresh.
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body(self.idx, self.u, cache=False)
+            # Capture records without running: the last batch still needs its step.
+            self.graph.replay()
+
+
+def train_one_epoch(step: TrainStep, gen: torch.Generator, augment: bool,
+                    batch_scheduler=None, desc: str = "train") -> dict[str, float]:
+    """One pass over ``step``'s images in an order (and augmentation draws) from ``gen``."""
+    rt, bs = step.rt, step.batch_size
+    step.model.train()
+    n = len(step.labels)
+    # The epoch's randomness is drawn at once on the CPU from the seeded generator (so runs
+    # are reproducible on any device and resumable), then moved in one copy.
+    order = torch.randperm(n, generator=gen)
+    draws = torch.rand(n, N_DRAWS, generator=gen) if augment else None
+    order = order.to(rt.device)
+    draws = draws.to(rt.device) if draws is not None else None
+    sync_each_step = rt.device.type == "cpu"  # a host sync is free on the CPU, costly on a GPU
+    step.reset()
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(0, n, bs), desc=desc, leave=False, disable=None, unit="batch")
+    for i, start in enumerate(bar):
+        idx = order[start:start + bs]
+        if (len(idx) < 2 and n > 1) or (step.graphed and len(idx) < bs):
+            continue  # BatchNorm cannot train on a batch of one; a graph has one batch shape
+        step(idx, draws[start:start + len(idx)] if draws is not None else None)
+        seen += len(idx)
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        if sync_each_step:
+            if not torch.isfinite(step.last_loss):
+                raise TrainingError(f"the training loss became {step.last_loss.item()} at batch "
+                                    f"{i} (lr {float(step.opt.param_groups[0]['lr']):.3g}); lower "
+                                    f"lr or set grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
+            if bar.disable is False and i % 20 == 0:
+                bar.set_postfix(loss=f"{step.loss_sum.item() / seen:.3f}",
+                                acc=f"{step.correct.item() / seen:.3f}")
+    if not bool(step.finite):
+        raise TrainingError("the training loss became non-finite during the epoch; lower lr or "
+                            "set grad_clip, e.g. --set lr=1e-4 --set grad_clip=1.0.")
+    secs = time.perf_counter() - t0
+    seen = max(seen, 1)
+    return {"loss": step.loss_sum.item() / seen, "acc": step.correct.item() / seen,
+            "img_per_s": seen / secs, "seconds": secs}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = False,
+            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax probabilities (N, 7) on the CPU, and with ``tta`` also their average over the
+    TTA views (the first view is the original, so both come from one pass)."""
+    cfg = rt.cfg
+    model.eval()
+    thetas = tta_thetas(cfg) if tta else None
+    bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
+    plain, averaged = [], []
+    rng = range(0, len(images), bs)
+    for start in tqdm(rng, desc=progress, leave=False, disable=None if progress else True):
+        x = rt.to_input(images[start:start + bs].to(rt.device))
+        with rt.autocast():
+            p = torch.softmax(model(normalize(x, cfg.normalize)).float(), dim=1)
+            plain.append(p.cpu())
+            if thetas is not None:
+                for v in range(1, len(thetas)):
+                    view = warp(x, thetas[v:v + 1].expand(len(x), 2, 3))
+                    p = p + torch.softmax(model(normalize(view, cfg.normalize)).float(), dim=1)
+                averaged.append((p / len(thetas)).cpu())
+    empty = torch.empty(0, 7)
+    return (torch.cat(plain) if plain else empty,
+            (torch.cat(averaged) if averaged else empty) if tta else None)
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    y = labels.cpu()
+    if len(y) == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "probs": probs}
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+    return {"loss": loss, "acc": (probs.argmax(1) == y).float().mean().item(), "probs": probs}
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
+             tta: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and probabilities on one split; with ``tta`` also ``tta`` (the same dict
+    for the TTA-averaged predictions) and the images/s of the whole pass."""
+    t0 = time.perf_counter()
+    plain, averaged = predict(model, images, rt, tta)
+    out = scores(plain, labels)
+    out["img_per_s"] = len(images) * (len(tta_thetas(rt.cfg)) if tta else 1) / max(
+        time.perf_counter() - t0, 1e-9)
+    if tta:
+        out["tta"] = scores(averaged, labels)
+    return out
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class StopRun(Exception):
+    """Raised by an epoch callback to end a run early but cleanly (an Optuna pruning, say);
+    ``state`` is recorded as the run's ``state`` tag."""
+
+    def __init__(self, state: str):
+        super().__init__(state)
+        self.state = state

@@ -1,0 +1,116 @@
+"""``python -m pipeline.evaluate``: score a logged model on any file and Usage, logged as a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from . import data as fer
+from . import plots, tracking
+from .cli import UsageError, parser, run_main
+
+
+def load_classifier(model_uri: str) -> torch.nn.Module:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    except (MlflowException, OSError) as e:
+        raise UsageError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. "
+                         f"Expected a URI printed by `pipeline.train`, e.g. models:/m-... or "
+                         f"runs:/<run_id>/model.") from None
+
+
+@torch.no_grad()
+def predict_proba(clf: torch.nn.Module, images: np.ndarray, tta: bool | None,
+                  batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for uint8 images (N, 48, 48). ``tta`` None: as the model is served
+    (with its run's TTA views if it was trained with tta); True/False: force the choice."""
+    use_tta = getattr(clf, "tta", False) if tta is None else tta
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[s:s + batch_size]).float().unsqueeze(1)
+        out.append(clf.probs(x, use_tta).float().numpy())
+    return np.concatenate(out) if out else np.empty((0, 7), np.float32)
+
+
+def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
+    pred = probs.argmax(1)
+    labels = list(range(len(fer.EMOTIONS)))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels,
+                                                         zero_division=0)
+    present = np.isin(labels, y)  # macro F1 over the classes the file has
+    per_class = {e: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                     "support": int(sup[i])} for i, e in enumerate(fer.EMOTIONS)}
+    return {"usage": usage, "n": int(len(y)), "accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+            "per_class": per_class}
+
+
+def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool | None = None,
+                 predictions: str | None = None) -> dict[str, Any]:
+    ds = fer.load(path)
+    rows = ds.rows(usage)
+    if len(rows) == 0:
+        have = ", ".join(f"{u} ({n})" for u, n in zip(*np.unique(ds.usage, return_counts=True)))
+        raise UsageError(f"{path}: no rows with Usage {usage!r}; the file has {have}.")
+    clf = load_classifier(model_uri)
+    y = ds.labels[rows]
+    probs = predict_proba(clf, ds.images[rows], tta)
+    result = score(y, probs, usage)
+    tta = getattr(clf, "tta", False) if tta is None else tta
+    with tracking.run(name=f"evaluate {usage}{' tta' if tta else ''}",
+                      tags={"stage": "evaluate", "model_uri": model_uri}):
+        mlflow.log_params({"model_uri": model_uri, "data": ds.source, "usage": usage,
+                           "tta": tta, "data_digest": ds.digest})
+        tracking.log_input(ds, context=usage)
+        mlflow.log_metrics({"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+                            "n": result["n"]})
+        mlflow.log_metrics({f"f1_{e}": v["f1"] for e, v in result["per_class"].items()})
+        cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(fer.EMOTIONS))))
+        tracking.log_figure(plots.confusion(cm, f"Confusion matrix, {usage}"),
+                            "confusion_matrix.png")
+        tracking.log_text(json.dumps(result, indent=2), "evaluation.json")
+    if predictions:
+        table = pd.DataFrame({"index": rows, "label": y, "predicted": probs.argmax(1)})
+        for i, e in enumerate(fer.EMOTIONS):
+            table[f"p_{e}"] = probs[:, i].round(6)
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(predictions, index=False)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Score a logged model on a FER2013 file, for one Usage value.")
+    p.add_argument("--model-uri", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--usage", default="PublicTest", help="any Usage value in the file")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the model's own test-time augmentation views (default: "
+                        "as the model is served, i.e. with TTA if its run was trained with it)")
+    p.add_argument("--predictions", default=None, metavar="FILE.csv",
+                   help="write one row per image: index, label, predicted, 7 probabilities")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    a = p.parse_args(argv)
+    tracking.setup(a.experiment)
+    r = run_evaluate(a.model_uri, a.data, a.usage, a.tta, a.predictions)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['usage']}: n={r['n']} accuracy={r['accuracy']:.4f} "
+              f"macro_f1={r['macro_f1']:.4f}")
+        for e, v in r["per_class"].items():
+            print(f"  {e:9s} f1={v['f1']:.3f} support={v['support']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,64 @@
+"""``python -m pipeline.export``: copy a run's logged model out of the tracking store into a plain
+MLflow model folder (``models/<name>/`` in a repo, say), rebuilt with this version's serving
+wrapper and the run's own config, so ``mlflow.pyfunc.load_model(folder)`` works anywhere."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import yaml
+
+from . import tracking
+from .cli import UsageError, parser, run_main
+from .config import from_dict
+from .evaluate import load_classifier
+from .train import classifier, save_classifier
+
+
+def example_faces(n: int = 2) -> np.ndarray:
+    """Synthetic uint8 faces for the model's input example: an exported folder is meant to be
+    shared, so it carries no image of the data set it was trained on."""
+    yy, xx = np.mgrid[0:48, 0:48]
+    face = 200 - 120 * (((yy - 22) / 20) ** 2 + ((xx - 24) / 16) ** 2)  # a bright oval
+    return np.stack([np.clip(face + 10 * i, 0, 255) for i in range(n)]).astype(np.uint8)
+
+
+def export(model_uri: str, out: str | Path, force: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it.")
+    clf = load_classifier(model_uri)
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise UsageError(f"{model_uri}: the model names no run, so its config is unknown.")
+    cfg_file = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml")
+    cfg = from_dict(yaml.safe_load(Path(cfg_file).read_text()), source=f"run {run_id} config")
+    example = example_faces()
+    # Write beside the target and swap, so a failed export never leaves half a folder.
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        staged = Path(tmp) / "model"
+        save_classifier(classifier(clf.net, cfg), example, staged)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Export a logged model to an MLflow model folder.")
+    p.add_argument("--model-uri", required=True, help="e.g. models:/m-... or runs:/RUN_ID/model")
+    p.add_argument("--out", required=True, help="folder to write, e.g. models/improved")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    a = p.parse_args(argv)
+    tracking.setup(a.experiment)
+    print(export(a.model_uri, a.out, a.force))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,132 @@
+"""Figures logged as artifacts. Every function returns a matplotlib Figure (Agg backend)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import EMOTIONS  # noqa: E402
+
+
+def class_distribution(counts: dict[str, dict[str, int]]):
+    """Grouped bars: one group per emotion, one bar per split."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    parts = [p for p, c in counts.items() if sum(c.values())]
+    w = 0.8 / max(len(parts), 1)
+    x = np.arange(len(EMOTIONS))
+    for i, part in enumerate(parts):
+        ax.bar(x + i * w, [counts[part][e] for e in EMOTIONS], w, label=part)
+    ax.set_xticks(x + w * (len(parts) - 1) / 2, EMOTIONS)
+    ax.set_ylabel("images")
+    ax.set_title("Class distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def face_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, seed: int = 0,
+              title: str = "Sample faces per emotion"):
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(EMOTIONS), per_class, figsize=(per_class * 1.1, 7 * 1.15))
+    for c, name in enumerate(EMOTIONS):
+        idx = np.flatnonzero(labels == c)
+        pick = rng.permutation(idx)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(pick):
+                ax.imshow(images[pick[j]], cmap="gray", vmin=0, vmax=255)
+        axes[c, 0].set_title(name, fontsize=8, loc="left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: list[dict[str, float]]):
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for part in ("train", "val"):
+        a1.plot(ep, [h[f"{part}/loss"] for h in history], marker="o", label=part)
+        a2.plot(ep, [h[f"{part}/acc"] for h in history], marker="o", label=part)
+    a1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    a1.legend()
+    a2.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion(cm: np.ndarray, title: str = "Confusion matrix (rows normalised)"):
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45, ha="right")
+    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(len(EMOTIONS)):
+        for j in range(len(EMOTIONS)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, n: int = 32,
+                  seed: int = 0):
+    wrong = np.flatnonzero(labels != preds)
+    pick = np.random.default_rng(seed).permutation(wrong)[:n]
+    cols = 8
+    rows = max(1, int(np.ceil(len(pick) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(pick):
+            i = pick[k]
+            ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{EMOTIONS[labels[i]][:4]}->{EMOTIONS[preds[i]][:4]}", fontsize=7)
+    fig.suptitle("Misclassified (true -> predicted)")
+    fig.tight_layout()
+    return fig
+
+
+def forest(rows: Sequence[dict], metric: str = "test"):
+    """One line per effect: mean and 95% CI in accuracy points, zero marked."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    y = np.arange(len(rows))[::-1]
+    for yi, r in zip(y, rows):
+        m, lo, hi = r[f"{metric}_mean"], r[f"{metric}_lo"], r[f"{metric}_hi"]
+        if np.isfinite(lo):
+            ax.plot([lo * 100, hi * 100], [yi, yi], color="tab:blue", lw=2)
+        ax.plot([m * 100], [yi], "o", color="tab:blue" if np.isfinite(m) else "tab:red")
+    ax.axvline(0, color="grey", ls="--", lw=1)
+    ax.set_yticks(y, [r["label"] for r in rows])
+    ax.set_xlabel(f"effect on {metric} accuracy (points), mean and 95% CI over seeds")
+    ax.set_title("What each component buys")
+    fig.tight_layout()
+    return fig
+
+
+def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]],
+           reported: dict[str, float]):
+    """Measured val accuracy (mean, lo, hi) per stage beside the study's reported figure."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(stages))
+    m = np.array([measured.get(s, (np.nan,) * 3)[0] for s in stages])
+    # An accuracy interval never leaves [0, 1], however few seeds stretched it.
+    lo = np.clip([measured.get(s, (np.nan,) * 3)[1] for s in stages], 0, 1)
+    hi = np.clip([measured.get(s, (np.nan,) * 3)[2] for s in stages], 0, 1)
+    err = np.nan_to_num(np.vstack([m - lo, hi - m]))
+    ax.bar(x - 0.2, m, 0.4, yerr=err, capsize=3, label="measured (val)")
+    ax.bar(x + 0.2, [reported.get(s, np.nan) for s in stages], 0.4, label="reported (val)")
+    ax.set_xticks(x, stages)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Stage ladder")
+    ax.legend()
+    fig.tight_layout()
+    return fig

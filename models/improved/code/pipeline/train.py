@@ -1,0 +1,301 @@
+"""``python -m pipeline.train``: train one stage as one MLflow run, resumable, and print its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+from . import data as fer
+from . import plots, tracking
+from .cli import parser, run_main
+from .config import TOGGLES, Config, ConfigError, build, flatten, parse_set, to_yaml
+from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, TrainStep,
+                     build_optimizer, build_scheduler, evaluate, load_optimizer_state,
+                     seed_everything,
+                     train_one_epoch)
+from .augment import tta_thetas
+from .models import FerClassifier, build_model, count_params
+
+
+def checkpoint_dir() -> Path:
+    return Path(os.environ.get("FER_CHECKPOINT_DIR", "checkpoints"))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def toggles_of(cfg: Config) -> str:
+    return ",".join(f"{t}={getattr(cfg, t)}" for t in TOGGLES)
+
+
+def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
+          tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+          resume_run_id: str | None = None, on_epoch: EpochCallback | None = None,
+          log_model: bool = True, max_epochs: int | None = None,
+          score_test: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` on ``data`` as one MLflow run and return its final metrics.
+
+    ``resume_run_id`` continues that run from its last checkpoint (or starts it, if it has
+    none). ``on_epoch(epoch, metrics)`` may raise to stop (Optuna pruning); ``max_epochs``
+    stops after that many epochs in this call, leaving the checkpoint and the run KILLED.
+    ``score_test=False`` never touches the test split (searches select on val alone).
+    """
+    rt = Runtime(cfg)
+    split = fer.make_split(data, cfg.val_fraction, cfg.split_seed)
+    train_rows = fer.subsample(split.train, data.labels, cfg.data_fraction, cfg.seed)
+    if len(split.val) == 0 or len(train_rows) < 2:
+        raise fer.DataError(f"{data.source}: too few Training rows for a train/val split "
+                            f"({len(train_rows)} train, {len(split.val)} val).")
+    test_rows = split.test if score_test else split.test[:0]
+
+    def tensors(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(data.images[rows]).unsqueeze(1).to(device)
+        return x, torch.from_numpy(data.labels[rows]).to(device)
+
+    xtr, ytr = tensors(train_rows, rt.device)  # uint8 on the device: 2.3 KB per image
+    xva, yva = tensors(split.val, "cpu")
+    xte, yte = tensors(test_rows, "cpu")
+
+    seed_everything(cfg.seed, cfg.deterministic)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = rt.model(build_model(cfg))
+    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
+    steps = -(-len(train_rows) // cfg.batch_size)
+    sched, when = build_scheduler(cfg, opt, steps)
+    step = TrainStep(model, opt, rt, xtr, ytr, cfg.batch_size)
+    stopper = EarlyStopping(cfg.early_stopping)
+    history: list[dict[str, float]] = []
+    start_epoch, train_seconds = 0, 0.0
+
+    all_tags = {"stage": cfg.stage, "seed": str(cfg.seed), "toggles": toggles_of(cfg),
+                "device": f"{rt.device.type}{'-bf16' if rt.bf16 else ''}", **(tags or {})}
+    with tracking.run(name=run_name or f"{cfg.stage} s{cfg.seed}", parent_run_id=parent_run_id,
+                      run_id=resume_run_id, tags=all_tags) as active:
+        run_id = active.info.run_id
+        ckpt = checkpoint_dir() / f"{run_id}.pt"
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            if state["config"] != cfg.to_dict():
+                raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with "
+                                  f"another config; resume with the same config.")
+            if state.get("data_digest", data.digest) != data.digest:
+                raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
+                                    f"{state['data_digest']}); resume it with the same --data.")
+            model.load_state_dict(state["model"])
+            load_optimizer_state(opt, state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            stopper.load_state_dict(state["early_stopping"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            np.random.set_state(state["numpy_rng"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+            train_seconds = state["train_seconds"]
+            print(f"resuming run {run_id} at epoch {start_epoch + 1}/{cfg.epochs}")
+        else:
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_params({"n_train": len(train_rows), "n_params": count_params(model),
+                               "data_digest": data.digest})
+            tracking.log_input(data)
+            tracking.log_text(to_yaml(cfg), "config.yaml")
+
+        pending: list[dict[str, float]] = []  # epochs not yet in MLflow nor in the checkpoint
+        last_save = time.monotonic()
+
+        def save(epoch: int) -> None:
+            """Checkpoint, then log the epochs it covers: MLflow never shows an epoch that a
+            resume would train again."""
+            nonlocal last_save
+            _save_atomic({"config": cfg.to_dict(), "data_digest": data.digest, "epoch": epoch,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict() if sched is not None else None,
+                          "early_stopping": stopper.state_dict(), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": (torch.cuda.get_rng_state_all()
+                                       if torch.cuda.is_available() else None),
+                          "numpy_rng": np.random.get_state(), "history": history,
+                          "train_seconds": train_seconds}, ckpt)
+            for row in pending:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                   step=int(row["epoch"]))
+            pending.clear()
+            last_save = time.monotonic()
+
+        stopped = start_epoch >= cfg.epochs or (stopper.patience > 0 and
+                                                stopper.bad_epochs >= stopper.patience)
+        epochs_this_call = 0
+        for epoch in range(start_epoch, cfg.epochs):
+            if stopped or (max_epochs is not None and epochs_this_call >= max_epochs):
+                break
+            desc = f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
+            tr = train_one_epoch(step, gen, cfg.augment, sched if when == "batch" else None,
+                                 desc=desc)
+            va = evaluate(model, xva, yva, rt)
+            train_seconds += tr["seconds"]
+            row = {"epoch": epoch, "train/loss": tr["loss"], "train/acc": tr["acc"],
+                   "val/loss": va["loss"], "val/acc": va["acc"],
+                   "train/img_per_s": tr["img_per_s"], "lr": float(opt.param_groups[0]["lr"])}
+            history.append(row)
+            pending.append(row)
+            print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
+                  f"{va['loss']:.4f} acc {va['acc']:.4f} | {tr['img_per_s']:.0f} img/s",
+                  flush=True)
+            if when == "metric":
+                sched.step(va["acc"])
+            elif when == "epoch" and sched is not None:
+                sched.step()
+            stopped = stopper.update(va["acc"], epoch, model)
+            epochs_this_call += 1
+            halt = max_epochs is not None and epochs_this_call >= max_epochs
+            if stopped or halt or epoch == cfg.epochs - 1 or on_epoch is not None or \
+                    time.monotonic() - last_save >= cfg.checkpoint_every_s:
+                save(epoch)
+            if on_epoch is not None:
+                try:
+                    on_epoch(epoch, {"val_acc": va["acc"], "train_acc": tr["acc"]})
+                except StopRun as e:
+                    mlflow.set_tag("state", e.state)
+                    mlflow.log_metric("val_acc", stopper.best)
+                    ckpt.unlink(missing_ok=True)
+                    return {"run_id": run_id, "stopped": e.state, "epochs_run": len(history),
+                            "val_acc": stopper.best}
+        interrupted = not stopped and bool(history) and len(history) < cfg.epochs
+        if not interrupted:
+            if stopper.best_state is not None:
+                model.load_state_dict(stopper.best_state)  # select on validation
+            result = _finish(model, cfg, rt, data, split, xva, yva, xte, yte, history,
+                             train_seconds, stopper, log_model)
+            mlflow.set_tag("state", "complete")
+            ckpt.unlink(missing_ok=True)
+    if interrupted:
+        # Not FINISHED: a worker or a report must never take a half-trained run for done.
+        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+        return {"run_id": run_id, "interrupted": True, "epochs_run": len(history)}
+    return {"run_id": run_id, **result}
+
+
+def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split, xva, yva,
+            xte, yte, history, train_seconds: float, stopper: EarlyStopping,
+            log_model: bool) -> dict[str, Any]:
+    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts."""
+    va = evaluate(model, xva, yva, rt, tta=True)
+    va_t = va["tta"]
+    has_test = len(yte) > 0
+    te = evaluate(model, xte, yte, rt, tta=True) if has_test else None
+    te_t = te["tta"] if has_test else None
+    # The run's own TTA choice decides which predictions the F1 and the figures describe.
+    ref_y, ref = (yte, te_t if cfg.tta else te) if has_test else (yva, va_t if cfg.tta else va)
+    y_true = ref_y.numpy()
+    y_pred = ref["probs"].argmax(1).numpy()
+    labels = list(range(len(fer.EMOTIONS)))
+    f1s = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    metrics = {"val_acc": va["acc"], "val_acc_tta": va_t["acc"], "val_loss": va["loss"],
+               "macro_f1": float(np.mean(f1s)), "train_seconds": train_seconds,
+               "epochs_run": len(history), "best_epoch": stopper.best_epoch + 1,
+               "train_img_per_s": float(np.mean([h["train/img_per_s"] for h in history])),
+               "eval_img_per_s": va["img_per_s"],
+               "train_acc_final": history[-1]["train/acc"]}
+    metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s)})
+    if has_test:
+        metrics.update({"test_acc": te["acc"], "test_acc_tta": te_t["acc"]})
+    mlflow.log_metrics(metrics)
+
+    part = "test" if has_test else "val"
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    tracking.log_figure(plots.learning_curves(history), "learning_curves.png")
+    tracking.log_figure(plots.confusion(cm, f"Confusion matrix, {part} (rows normalised)"),
+                        "confusion_matrix.png")
+    tracking.log_text(classification_report(y_true, y_pred, labels=labels,
+                                            target_names=list(fer.EMOTIONS), digits=4,
+                                            zero_division=0), "classification_report.txt")
+    rows = split.test if has_test else split.val
+    tracking.log_figure(plots.misclassified(data.images[rows], y_true, y_pred),
+                        "misclassified.png")
+    # Per-image predictions let the ablation run paired tests between models.
+    preds = {"val": va["probs"].argmax(1).numpy().astype(np.int8),
+             "val_tta": va_t["probs"].argmax(1).numpy().astype(np.int8),
+             "val_labels": yva.numpy().astype(np.int8)}
+    if has_test:
+        preds.update({"test": te["probs"].argmax(1).numpy().astype(np.int8),
+                      "test_tta": te_t["probs"].argmax(1).numpy().astype(np.int8),
+                      "test_labels": yte.numpy().astype(np.int8)})
+    tracking.log_npz(preds, "predictions.npz")
+    model_uri = None
+    if log_model:
+        model_uri = log_classifier(model, cfg, data.images[split.val[:2]])
+    return {"model_uri": model_uri, **metrics,
+            "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta")}
+
+
+def _requirements() -> list[str]:
+    # Stated, not inferred: inference loads the model in a subprocess and takes a minute.
+    from importlib.metadata import version
+
+    pins = [f"torch=={torch.__version__.split('+')[0]}"]
+    return pins + [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pyyaml", "scikit-learn",
+                                                   "pandas")]
+
+
+def classifier(model: torch.nn.Module, cfg: Config) -> FerClassifier:
+    """The served form of a trained network: fp32 on the CPU, raw pixels in, with the run's TTA."""
+    net = build_model(cfg)
+    net.load_state_dict({k: v.detach().cpu().float() for k, v in model.state_dict().items()})
+    return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
+
+
+def _model_kwargs(clf: FerClassifier, example: np.ndarray) -> dict[str, Any]:
+    # Pickle, not torch.export: an exported program freezes the example's batch size.
+    return dict(input_example=example.astype(np.float32)[:, None],  # (2, 1, 48, 48), 0..255
+                serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
+                pip_requirements=_requirements())
+
+
+def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
+    """Log the model as a pickled torch module taking raw pixels and returning probabilities."""
+    clf = classifier(model, cfg)
+    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(clf, example))
+    return info.model_uri
+
+
+def save_classifier(clf: FerClassifier, example: np.ndarray, path: str | Path) -> None:
+    """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
+    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(clf, example))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Train one stage of the study as an MLflow run.")
+    p.add_argument("--config", required=True, help="a YAML under ablations/stages/")
+    p.add_argument("--data", required=True, help="FER2013 in any supported layout")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set epochs=1 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID",
+                   help="continue an interrupted run from its checkpoint")
+    a = p.parse_args(argv)
+    cfg = build(a.config, parse_set(a.set))
+    tracking.setup(a.experiment)
+    tracking.check_reachable()
+    data = fer.load(a.data)
+    fer.check_usage(data)
+    resume = a.resume or os.environ.get("MLFLOW_RUN_ID")
+    out = train(cfg, data, resume_run_id=resume)
+    keys = ("run_id", "model_uri", "val_acc", "test_acc", "val_acc_tta", "test_acc_tta")
+    print(json.dumps({k: out.get(k) for k in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -370,8 +371,8 @@ def _p(p: float) -> str:
 QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
                  "The `{profile}` profile trains every cell for a fraction of the study's own "
                  "budget, so its models end near chance and some effects here have the opposite "
-                 "sign of their full-budget value. Read the `full` profile's report for the "
-                 "study's answer.")
+                 "sign of their full-budget value. The study's answer is the `full` profile's "
+                 "report; the project ships one in `docs/ablation-full/report.md`.")
 
 
 def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -> str:
@@ -445,7 +446,7 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
             client.log_artifact(parent, str(out_dir / name), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
     for r in rows:
-        key = "effect_" + "".join(ch if ch.isalnum() else "_" for ch in r["label"]).strip("_")
+        key = "effect_" + re.sub(r"[^a-z0-9]+", "_", r["label"].lower()).strip("_")
         for part in ("val", "test"):
             for stat in ("mean", "lo", "hi"):
                 v = r[f"{part}_{stat}"]
@@ -494,10 +495,12 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
             if h.wait() != 0:
                 print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
                       f"back to the queue", flush=True)
+    counts["helpers_exit"] = [h.returncode for h in helpers]
     if not write_report:
         return {"study": name, "parent_run_id": parent, "report": "", **counts}
     if any(h.returncode != 0 for h in helpers):
-        counts = {k: counts[k] + v for k, v in work(study, s, data, heartbeat).items()}
+        for k, v in work(study, s, data, heartbeat).items():
+            counts[k] += v
     text = report(study, s, Path(report_dir), time.time() - t0)
     client = mlflow.MlflowClient()
     if client.get_run(parent).info.status == "RUNNING" and parent != entry_run:
@@ -554,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=_whole, default=1,
                    help="workers on this machine (one process each, the CPU threads split "
                         "between them; on a GPU they share it)")
-    p.add_argument("--log-models", choices=("all", "none", "reference"), default=None,
+    p.add_argument("--log-models", choices=("all", "none", "reference", ""), default=None,
                    help="which runs log an MLflow model (default: the profile's; reference: "
                         "only the reference stage's seed-0 run)")
     p.add_argument("--threads", type=_whole, default=0,
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.setup(a.experiment)
     out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
                      a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat, a.jobs, a.log_models, a.report)
+                     a.heartbeat, a.jobs, a.log_models or None, a.report)
     print(out["report"])
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Callable
@@ -43,13 +44,21 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is experimental.*")
+    warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
     # Workers record trial heartbeats themselves (pipeline.workers.Heartbeat) around ask/tell.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run an entry point; expected errors print one paragraph and exit 2, never a traceback."""
     quiet_libraries()
+    # SIGTERM (a scheduler's or `kill`'s stop) is handled as Ctrl-C: runs end KILLED with their
+    # checkpoints kept, and a worker hands its cell straight back to the queue.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = fn(argv)
     except EXPECTED as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,7 +84,8 @@ def git_commit() -> str:
 
 @contextlib.contextmanager
 def run(name: str | None = None, parent_run_id: str | None = None, run_id: str | None = None,
-        tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+        tags: dict[str, str] | None = None,
+        resume_hint: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) a run, nested when another is active. An exception ends it FAILED."""
     nested = mlflow.active_run() is not None
     all_tags = {"git_commit": git_commit(), **(tags or {})}
@@ -91,7 +93,17 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
                           tags=all_tags) as active:
-        yield active
+        try:
+            yield active
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the run was stopped, it did not fail; its checkpoint stays.
+            mlflow.end_run("KILLED")
+            if resume_hint:
+                rid = active.info.run_id
+                print(f"stopped: run {rid} is KILLED with its checkpoint kept; continue it with "
+                      f"`python -m pipeline.train --config ... --data ... --resume {rid}`",
+                      file=sys.stderr, flush=True)
+            raise
 
 
 def log_input(data: Any, context: str = "training") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 from . import data as fer
 from . import plots, tracking
-from .cli import parser, run_main
+from .cli import UsageError, parser, run_main
 from .config import TOGGLES, Config, ConfigError, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, TrainStep,
                      build_optimizer, build_scheduler, evaluate, load_optimizer_state,
@@ -79,20 +80,17 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
 
+    # Checked before the run is touched: a refused resume leaves the run as it was.
+    if resume_run_id:
+        _check_resumable(resume_run_id)
+    state = _checkpoint(resume_run_id, cfg, data) if resume_run_id else None
     all_tags = {"stage": cfg.stage, "seed": str(cfg.seed), "toggles": toggles_of(cfg),
                 "device": f"{rt.device.type}{'-bf16' if rt.bf16 else ''}", **(tags or {})}
     with tracking.run(name=run_name or f"{cfg.stage} s{cfg.seed}", parent_run_id=parent_run_id,
-                      run_id=resume_run_id, tags=all_tags) as active:
+                      run_id=resume_run_id, tags=all_tags, resume_hint=True) as active:
         run_id = active.info.run_id
         ckpt = checkpoint_dir() / f"{run_id}.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            if state["config"] != cfg.to_dict():
-                raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with "
-                                  f"another config; resume with the same config.")
-            if state.get("data_digest", data.digest) != data.digest:
-                raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
-                                    f"{state['data_digest']}); resume it with the same --data.")
+        if state is not None:
             model.load_state_dict(state["model"])
             load_optimizer_state(opt, state["optimizer"])
             if sched is not None:
@@ -188,10 +186,46 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     return {"run_id": run_id, **result}
 
 
+def _check_resumable(run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        status = mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        raise UsageError(f"--resume {run_id}: no such run in the tracking store "
+                         f"{mlflow.get_tracking_uri()}.") from None
+    if status == "FINISHED":
+        raise UsageError(f"--resume {run_id}: that run is FINISHED; there is nothing to resume "
+                         f"(train a new run instead).")
+
+
+def _checkpoint(run_id: str, cfg: Config, data: fer.FerData) -> dict[str, Any] | None:
+    """The run's checkpoint, if it has one, after checking it was made with this config and
+    this data."""
+    ckpt = checkpoint_dir() / f"{run_id}.pt"
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state["config"] != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if state["config"].get(k) != getattr(cfg, k))
+        raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with another config "
+                          f"(differs in {', '.join(diff)}); resume with the same config.")
+    if state.get("data_digest", data.digest) != data.digest:
+        raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
+                            f"{state['data_digest']}, not {data.digest}); resume it with the "
+                            f"same --data.")
+    return state
+
+
 def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split, xva, yva,
             xte, yte, history, train_seconds: float, stopper: EarlyStopping,
             log_model: bool) -> dict[str, Any]:
-    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts."""
+    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts.
+
+    They are computed in fp32, the precision the logged model serves in, whatever precision
+    trained the run."""
+    rt = copy.copy(rt)
+    rt.bf16 = False
     va = evaluate(model, xva, yva, rt, tta=True)
     va_t = va["tta"]
     has_test = len(yte) > 0

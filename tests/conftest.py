@@ -141,3 +141,41 @@ def wait_until_running(study_name: str, storage: str, timeout: float = 300) -> N
             pass  # the worker has not created the study yet
         time.sleep(0.2)
     raise TimeoutError(f"no trial of {study_name} started within {timeout} s")
+
+
+def freeze_mid_trial(proc, study_name: str, storage: str, timeout: float = 300) -> None:
+    """SIGSTOP ``proc`` at a moment when its study has a RUNNING trial, so a kill that follows
+    lands mid-trial whatever the machine's speed (a trial that ends between the check and the
+    signal is simply waited out for the next one)."""
+    import signal
+    import time
+
+    import optuna
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        wait_until_running(study_name, storage, timeout=deadline - time.time())
+        proc.send_signal(signal.SIGSTOP)
+        st = optuna.load_study(study_name=study_name, storage=storage)
+        if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            return
+        proc.send_signal(signal.SIGCONT)
+    raise TimeoutError(f"no trial of {study_name} was running when checked")
+
+
+def wait_until_complete(study_name: str, storage: str, n: int = 1, timeout: float = 300) -> None:
+    """Block until the Optuna study has at least ``n`` COMPLETE trials."""
+    import time
+
+    import optuna
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            st = optuna.load_study(study_name=study_name, storage=storage)
+            if len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= n:
+                return
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{study_name} had fewer than {n} complete trials after {timeout} s")

@@ -11,13 +11,15 @@ import uuid
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
 from pipeline.ablate import load_study, run_ablate
 from pipeline.cli import UsageError
-from tests.conftest import ROOT, run_cli, wait_until_running
+from tests.conftest import ROOT, freeze_mid_trial, run_cli, wait_until_complete
 
 TINY = {"epochs": 1, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
         "early_stopping": 0}
@@ -68,7 +70,27 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     report = (tmp_path / "ablation_report" / "report.md").read_text()
     for t in ("batchnorm", "residual", "augment", "label_smoothing", "grad_clip", "tta"):
         assert f"| {t} (" in report
-    assert "[" in report.split("## Effects")[1]  # intervals, not bare means
+    # The leave-one-out BatchNorm row, recomputed here from the child runs with scipy.
+    acc = {(c.data.tags["cell"], int(c.data.tags["seed"])): c.data.metrics["test_acc"]
+           for c in children}
+    diffs = [acc[("stage improved", sd)] - acc[("loo -batchnorm", sd)] for sd in range(s.seeds)]
+    m = 100 * float(np.mean(diffs))
+    half = 100 * float(scipy_stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) /
+                       np.sqrt(len(diffs)))
+    p = float(scipy_stats.ttest_1samp(diffs, 0).pvalue)
+    row = next(r for r in report.splitlines() if r.startswith("| batchnorm (leave-one-out) |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[1] == str(s.seeds)
+    assert cols[4] == f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+    assert cols[5] == (f"{p:.3f}" if p >= 0.001 else "<0.001") or not np.isfinite(p)
+    metrics = parent.data.metrics
+    assert metrics["effect_batchnorm_leave_one_out/test_points"] == pytest.approx(m, abs=1e-9)
+    assert metrics["effect_batchnorm_leave_one_out/test_points_lo"] == pytest.approx(m - half,
+                                                                                     abs=1e-9)
+    # No skip fits the basic net: its cell is left out, with the reason, not trained as a no-op.
+    assert "`aoi +residual` is left out: stage basic has no pair of convs" in report
+    assert "aoi +residual s0" not in names
+    assert "effects at this budget do not transfer" in report.split("## Effects")[0]
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/forest.png", "report/ladder.png"} <= arts
 
@@ -83,6 +105,20 @@ def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
     assert again["trained"] == 0 and again["study"] == first["study"]
     assert len(child_runs(first["study"])) == 6
     assert "| batchnorm (added to reference) | 2 |" in again["report"]
+
+
+@pytest.mark.slow
+def test_jobs_start_local_workers_on_one_study(kaggle_csv, tmp_path):
+    study = mini_study(tmp_path)
+    out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                     "rep", jobs=2)
+    assert out["helpers_exit"] == [0]  # the second worker joined and left cleanly
+    runs = child_runs(out["study"])
+    cells = sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in runs)
+    assert len(cells) == 6 and len(set(cells)) == 6  # every (cell, seed) trained exactly once
+    st = optuna.load_study(study_name=out["study"], storage="sqlite:///q.db")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 6
+    assert "| batchnorm (added to reference) | 2 |" in out["report"]
 
 
 def test_failing_cell_is_reported_and_the_study_goes_on(kaggle_csv, tmp_path):
@@ -174,7 +210,15 @@ def test_two_workers_on_postgres_train_each_cell_once(kaggle_csv, tmp_path, pg_m
     uri, studies = pg_mlflow
     study, name = mini_study(tmp_path), f"two-{uuid.uuid4().hex[:8]}"
     studies.append(name)
-    procs = [_worker(kaggle_csv, study, uri, name, tmp_path) for _ in range(2)]
+    # Deterministic interleaving: A is frozen holding one cell while B trains the rest, then
+    # A finishes its own; each of them trains at least one cell whatever the machine's speed.
+    slow_beat = ["--heartbeat", "60"]  # A's frozen cell must not go stale while B works
+    a = _worker(kaggle_csv, study, uri, name, tmp_path, slow_beat)
+    freeze_mid_trial(a, name, PG)
+    b = _worker(kaggle_csv, study, uri, name, tmp_path, slow_beat)
+    wait_until_complete(name, PG, 1)
+    a.send_signal(signal.SIGCONT)
+    procs = [a, b]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     runs = child_runs(name)
@@ -194,7 +238,7 @@ def test_killed_worker_cell_goes_back_to_the_pool(kaggle_csv, tmp_path, pg_mlflo
     study, name = mini_study(tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
     studies.append(name)
     a = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])
-    wait_until_running(name, PG)
+    freeze_mid_trial(a, name, PG)
     a.send_signal(signal.SIGKILL)
     a.wait()
     b = _worker(kaggle_csv, study, uri, name, tmp_path, ["--heartbeat", "1"])

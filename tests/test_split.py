@@ -37,8 +37,9 @@ def test_deterministic_and_seed_dependent(kaggle_csv):
     np.testing.assert_array_equal(a.val, b.val)
     c = fer.make_split(d, 0.2, 6)
     assert not np.array_equal(a.val, c.val)
-    # Fixed expectation: the stream of numpy's PCG64 is the same on every machine.
-    assert a.val[:4].tolist() == fer.make_split(d, 0.2, 5).val[:4].tolist()
+    # A literal: numpy's PCG64 stream is the same on every machine, so a split that changes
+    # (another shuffle, another stratification order) breaks every earlier study's pairing.
+    assert a.val[:4].tolist() == [6, 7, 16, 19]
 
 
 def test_file_without_public_test_still_splits(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 from pipeline import data as fer
 from pipeline.config import STAGES, build
 from pipeline.evaluate import run_evaluate
+from pipeline.cli import UsageError
 from pipeline.train import train
 from tests.conftest import ROOT, csv_text, make_faces, run_cli
 
-TINY = {"epochs": 1, "width": 0.125, "batch_size": 16}
+TINY = {"epochs": 1, "width": 0.125, "batch_size": 16, "device": "cpu"}  # resume is bit-exact on a CPU
 
 
 def stage_cfg(stage: str, **over):
@@ -31,7 +33,12 @@ def test_one_epoch_of_every_stage(stage, kaggle_csv):
     for key in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1",
                 "f1_happy", "train_seconds", "train_img_per_s", "eval_img_per_s"):
         assert key in m, key
-    assert 0 <= m["val_acc"] <= 1
+    preds = mlflow.artifacts.download_artifacts(run_id=out["run_id"],
+                                                artifact_path="predictions.npz")
+    with np.load(preds) as z:  # the final figures are those of the per-image predictions
+        assert m["val_acc"] == pytest.approx(float((z["val"] == z["val_labels"]).mean()))
+        assert m["test_acc_tta"] == pytest.approx(float((z["test_tta"] ==
+                                                          z["test_labels"]).mean()))
     assert run.data.tags["stage"] == stage and "batchnorm=" in run.data.tags["toggles"]
     hist = mlflow.MlflowClient().get_metric_history(out["run_id"], "val/acc")
     assert [h.step for h in hist] == [0]
@@ -54,6 +61,8 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
     whole = train(cfg, data, log_model=False)
     part = train(cfg, data, log_model=False, max_epochs=1)
     assert part.get("interrupted") and part["epochs_run"] == 1
+    # Stopped early: KILLED, never FINISHED, so no worker or report takes it for done.
+    assert mlflow.get_run(part["run_id"]).info.status == "KILLED"
     resumed = train(cfg, data, log_model=False, resume_run_id=part["run_id"])
     assert resumed["run_id"] == part["run_id"]
     for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1"):
@@ -62,6 +71,23 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
     h1 = [m.value for m in client.get_metric_history(whole["run_id"], "train/loss")]
     h2 = [m.value for m in client.get_metric_history(part["run_id"], "train/loss")]
     assert h1 == h2 and len(h1) == 3
+    assert mlflow.get_run(part["run_id"]).info.status == "FINISHED"
+    with pytest.raises(UsageError, match="that run is FINISHED"):
+        train(cfg, data, log_model=False, resume_run_id=part["run_id"])
+    assert len(client.get_metric_history(part["run_id"], "train/loss")) == 3  # untouched
+    with pytest.raises(UsageError, match="no such run"):
+        train(cfg, data, log_model=False, resume_run_id="0123456789abcdef0123456789abcdef")
+
+
+def test_resume_refuses_other_data(kaggle_csv, tmp_path):
+    data = fer.load(kaggle_csv)
+    cfg = stage_cfg("basic", epochs=2)
+    part = train(cfg, data, log_model=False, max_epochs=1)
+    other = tmp_path / "other.csv"
+    other.write_text(csv_text(*make_faces(seed=1)))
+    with pytest.raises(fer.DataError, match="trained on other data"):
+        train(cfg, fer.load(other), log_model=False, resume_run_id=part["run_id"])
+    assert mlflow.get_run(part["run_id"]).info.status == "KILLED"  # left as it was
 
 
 def test_non_finite_loss_fails_the_run_with_a_message(kaggle_csv):
@@ -115,3 +141,26 @@ def test_evaluate_matches_training_test_accuracy(kaggle_csv):
     out = train(stage_cfg("basic"), data)
     res = run_evaluate(out["model_uri"], str(kaggle_csv), "PublicTest", tta=False)
     assert res["accuracy"] == pytest.approx(out["test_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_with_its_checkpoint(kaggle_csv, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--config",
+         str(ROOT / "ablations/stages/basic.yaml"), "--data", str(kaggle_csv), "--set",
+         "epochs=200 width=0.125 batch_size=16 checkpoint_every_s=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # the event: an epoch finished, so a checkpoint exists
+        if "epoch 2/200:" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    run_id = re.search(r"run ([0-9a-f]{32}) is KILLED", err).group(1)
+    assert f"--resume {run_id}" in err
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()

@@ -125,6 +125,29 @@ def run_cli(module: str, *args: str, env: dict | None = None, cwd: Path | None =
                           env=e, cwd=cwd, timeout=900)
 
 
+_STORAGES: dict = {}
+
+
+def _storage(url: str):
+    """One Optuna storage (one connection pool) per URL for the whole test session: polling
+    with a fresh one each time leaks a PostgreSQL connection per poll until the server refuses."""
+    import optuna
+
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(url)
+    return _STORAGES[url]
+
+
+def _trials(study_name: str, storage: str, state):
+    import optuna
+
+    try:
+        st = optuna.load_study(study_name=study_name, storage=_storage(storage))
+    except KeyError:
+        return None  # the worker has not created the study yet
+    return st.get_trials(deepcopy=False, states=(state,))
+
+
 def wait_until_running(study_name: str, storage: str, timeout: float = 300) -> None:
     """Block until the Optuna study has a RUNNING trial (a worker is mid-cell)."""
     import time
@@ -133,12 +156,8 @@ def wait_until_running(study_name: str, storage: str, timeout: float = 300) -> N
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            st = optuna.load_study(study_name=study_name, storage=storage)
-            if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                return
-        except KeyError:
-            pass  # the worker has not created the study yet
+        if _trials(study_name, storage, optuna.trial.TrialState.RUNNING):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"no trial of {study_name} started within {timeout} s")
 
@@ -156,8 +175,7 @@ def freeze_mid_trial(proc, study_name: str, storage: str, timeout: float = 300) 
     while time.time() < deadline:
         wait_until_running(study_name, storage, timeout=deadline - time.time())
         proc.send_signal(signal.SIGSTOP)
-        st = optuna.load_study(study_name=study_name, storage=storage)
-        if st.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        if _trials(study_name, storage, optuna.trial.TrialState.RUNNING):
             return
         proc.send_signal(signal.SIGCONT)
     raise TimeoutError(f"no trial of {study_name} was running when checked")
@@ -171,11 +189,7 @@ def wait_until_complete(study_name: str, storage: str, n: int = 1, timeout: floa
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            st = optuna.load_study(study_name=study_name, storage=storage)
-            if len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= n:
-                return
-        except KeyError:
-            pass
+        if len(_trials(study_name, storage, optuna.trial.TrialState.COMPLETE) or []) >= n:
+            return
         time.sleep(0.2)
     raise TimeoutError(f"{study_name} had fewer than {n} complete trials after {timeout} s")

@@ -30,6 +30,19 @@ def checkpoint_dir() -> Path:
     return Path(os.environ.get("FER_CHECKPOINT_DIR", "checkpoints"))
 
 
+def check_checkpoint_dir() -> None:
+    """Fail before any training, not after the first epoch, when checkpoints cannot be kept."""
+    d = checkpoint_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"checkpoint folder {d} (FER_CHECKPOINT_DIR) is not writable: "
+                         f"{e.strerror or e}.") from None
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -80,6 +93,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
 
+    check_checkpoint_dir()
     # Checked before the run is touched: a refused resume leaves the run as it was.
     if resume_run_id:
         _check_resumable(resume_run_id)

@@ -79,6 +79,15 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
         train(cfg, data, log_model=False, resume_run_id="0123456789abcdef0123456789abcdef")
 
 
+def test_unwritable_checkpoint_folder_fails_before_training(kaggle_csv, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(blocker / "ckpt"))
+    with pytest.raises(UsageError, match="FER_CHECKPOINT_DIR"):
+        train(stage_cfg("basic"), fer.load(kaggle_csv), log_model=False)
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 0  # no run was started
+
+
 def test_resume_refuses_other_data(kaggle_csv, tmp_path):
     data = fer.load(kaggle_csv)
     cfg = stage_cfg("basic", epochs=2)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import N_DRAWS, augment_batch, normalize, tta_thetas, warp
+from .augment import N_DRAWS, augment_batch, normalize, tta_thetas
+from .models import view_probs
 from .cli import TrainingError
 from .config import OPTIMIZERS, SCHEDULERS, Config, ConfigError
 
@@ -49,9 +50,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     have = available_devices()
-    if dev.type != "cpu" and not (dev.type == "cuda" and torch.cuda.is_available() and
-                                  (dev.index or 0) < torch.cuda.device_count()) \
-            and not (dev.type == "mps" and "mps" in have):
+    if (dev.type if dev.type in ("cpu", "mps") else f"{dev.type}:{dev.index or 0}") not in have:
         raise ConfigError(f"device={name!r}: no such device here; available: "
                           f"{', '.join(have)} (or auto).")
     return dev
@@ -326,20 +325,17 @@ def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = Fal
     TTA views (the first view is the original, so both come from one pass)."""
     cfg = rt.cfg
     model.eval()
-    thetas = tta_thetas(cfg) if tta else None
+    thetas = tta_thetas(cfg) if tta else torch.eye(2, 3)[None]  # the original view alone
     bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
     plain, averaged = [], []
     rng = range(0, len(images), bs)
     for start in tqdm(rng, desc=progress, leave=False, disable=None if progress else True):
         x = rt.to_input(images[start:start + bs].to(rt.device))
         with rt.autocast():
-            p = torch.softmax(model(normalize(x, cfg.normalize)).float(), dim=1)
-            plain.append(p.cpu())
-            if thetas is not None:
-                for v in range(1, len(thetas)):
-                    view = warp(x, thetas[v:v + 1].expand(len(x), 2, 3))
-                    p = p + torch.softmax(model(normalize(view, cfg.normalize)).float(), dim=1)
-                averaged.append((p / len(thetas)).cpu())
+            ps = view_probs(model, x, thetas, cfg.normalize)
+        plain.append(ps[0].cpu())
+        if tta:
+            averaged.append((sum(ps) / len(ps)).cpu())
     empty = torch.empty(0, 7)
     return (torch.cat(plain) if plain else empty,
             (torch.cat(averaged) if averaged else empty) if tta else None)

@@ -64,9 +64,9 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
         raise UsageError(f"{path}: no rows with Usage {usage!r}; the file has {have}.")
     clf = load_classifier(model_uri)
     y = ds.labels[rows]
+    tta = getattr(clf, "tta", False) if tta is None else tta  # None: as the model is served
     probs = predict_proba(clf, ds.images[rows], tta)
     result = score(y, probs, usage)
-    tta = getattr(clf, "tta", False) if tta is None else tta
     with tracking.run(name=f"evaluate {usage}{' tta' if tta else ''}",
                       tags={"stage": "evaluate", "model_uri": model_uri}):
         mlflow.log_params({"model_uri": model_uri, "data": ds.source, "usage": usage,

@@ -305,7 +305,7 @@ def classifier(model: torch.nn.Module, cfg: Config) -> FerClassifier:
     return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
 
 
-def _model_kwargs(clf: FerClassifier, example: np.ndarray) -> dict[str, Any]:
+def _model_kwargs(example: np.ndarray) -> dict[str, Any]:
     # Pickle, not torch.export: an exported program freezes the example's batch size.
     return dict(input_example=example.astype(np.float32)[:, None],  # (2, 1, 48, 48), 0..255
                 serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
@@ -315,13 +315,13 @@ def _model_kwargs(clf: FerClassifier, example: np.ndarray) -> dict[str, Any]:
 def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
     """Log the model as a pickled torch module taking raw pixels and returning probabilities."""
     clf = classifier(model, cfg)
-    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(clf, example))
+    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(example))
     return info.model_uri
 
 
 def save_classifier(clf: FerClassifier, example: np.ndarray, path: str | Path) -> None:
     """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
-    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(clf, example))
+    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(example))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,12 +59,28 @@ def test_changed_file_is_never_served_stale(kaggle_csv):
     np.testing.assert_array_equal(second.images, images)
 
 
-def test_damaged_cache_is_a_miss(kaggle_csv):
-    fer.load(kaggle_csv)
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "flip_header",
+                                    "flip_images", "flip_directory"])
+def test_damaged_cache_is_a_miss_and_is_rewritten(kaggle_csv, damage):
+    first = fer.load(kaggle_csv)
     (entry,) = fer.cache_dir().glob("*.npz")
-    entry.write_bytes(b"not an npz")
+    good = entry.read_bytes()
+    raw = bytearray(good)
+    if damage == "garbage":
+        raw = bytearray(b"not an npz")
+    elif damage == "empty":
+        raw = bytearray()
+    elif damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # one bit-flipped byte: in an array header, in the pixel data, in the zip directory
+        pos = {"flip_header": 100, "flip_images": len(raw) // 3,
+               "flip_directory": bytes(raw).rindex(b"usage.npy")}[damage]
+        raw[pos] ^= 0xFF
+    entry.write_bytes(bytes(raw))
     d = fer.load(kaggle_csv)
-    assert len(d) == 7 * sum(COUNTS.values())
+    np.testing.assert_array_equal(d.images, first.images)
+    np.testing.assert_array_equal(d.labels, first.labels)
+    assert entry.read_bytes() == good, "the damaged entry must be replaced by a good one"
 
 
 def _row(label="3", pixels=None, usage="Training"):

@@ -287,8 +287,9 @@ def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE,
                                            [float(out.get("val_acc") or 0.0)])
             counts["trained"] += 1
-        except KeyboardInterrupt:
-            # Hand the cell straight back instead of waiting for the heartbeat to go stale.
+        except (KeyboardInterrupt, tracking.TrackingLost):
+            # Stopped, or the tracking store is gone: the cell goes straight back to the queue
+            # (not after the heartbeat goes stale) for this or another worker to resume.
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(t._trial_id))
             raise

@@ -12,6 +12,7 @@ from typing import Callable
 
 from .config import ConfigError
 from .data import DataError
+from .tracking import bound_retries
 
 
 class UsageError(ValueError):
@@ -39,6 +40,7 @@ def quiet_libraries() -> None:
     # progress and results.
     os.environ.setdefault("MLFLOW_ENABLE_PROACTIVE_SYSTEM_METRICS", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    bound_retries()
     for name in ("mlflow", "alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")

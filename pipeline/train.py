@@ -116,6 +116,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             np.random.set_state(state["numpy_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
+            _log_unlogged(run_id, history)
             train_seconds = state["train_seconds"]
             print(f"resuming run {run_id} at epoch {start_epoch + 1}/{cfg.epochs}")
         else:
@@ -200,17 +201,32 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     return {"run_id": run_id, **result}
 
 
+def _log_unlogged(run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the checkpointed epochs that never reached MLflow (the store went away between the
+    checkpoint and the log), and none twice."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/acc")}
+    for row in history:
+        if int(row["epoch"]) not in logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                               step=int(row["epoch"]))
+
+
 def _check_resumable(run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        status = mlflow.MlflowClient().get_run(run_id).info.status
+        run = mlflow.MlflowClient().get_run(run_id)
+        status = run.info.status
     except MlflowException:
         raise UsageError(f"--resume {run_id}: no such run in the tracking store "
                          f"{mlflow.get_tracking_uri()}.") from None
     if status == "FINISHED":
         raise UsageError(f"--resume {run_id}: that run is FINISHED; there is nothing to resume "
                          f"(train a new run instead).")
+    owner = run.data.tags.get("owner")
+    if status == "RUNNING" and tracking.owner_alive(owner):
+        raise UsageError(f"--resume {run_id}: that run is still training in process "
+                         f"{owner.rsplit(':', 2)[1]} on this machine; stop it first.")
 
 
 def _checkpoint(run_id: str, cfg: Config, data: fer.FerData) -> dict[str, Any] | None:

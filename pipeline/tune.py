@@ -269,7 +269,7 @@ def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, he
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             state, mine["pruned"] = "pruned", mine["pruned"] + 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, tracking.TrackingLost):
             study.tell(trial, state=TrialState.FAIL)
             optuna.storages.RetryFailedTrialCallback()(study, study._storage.get_trial(
                 trial._trial_id))

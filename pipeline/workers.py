@@ -7,16 +7,20 @@ import threading
 
 import optuna
 
+from .tracking import first_use_lock
+
 
 def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     kwargs: dict = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 5}  # an unreachable host fails in seconds
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-            engine_kwargs=kwargs)
+        with first_use_lock(url):  # the first worker creates the schema, alone
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                    max_retry=3),
+                engine_kwargs=kwargs)
     except Exception as e:  # sqlalchemy/psycopg2 raise many kinds; all mean the same here
         raise ConnectionError(f"Optuna storage {url} is not usable: "
                               f"{str(e).splitlines()[0][:300]}") from None

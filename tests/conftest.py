@@ -193,3 +193,28 @@ def wait_until_complete(study_name: str, storage: str, n: int = 1, timeout: floa
             return
         time.sleep(0.2)
     raise TimeoutError(f"{study_name} had fewer than {n} complete trials after {timeout} s")
+
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def fresh_pg():
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    import uuid
+
+    import sqlalchemy
+
+    eng = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT",
+                                   connect_args={"connect_timeout": 5})
+    try:
+        eng.connect().close()
+    except Exception:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    name = f"fresh_{uuid.uuid4().hex[:10]}"
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    eng.dispose()

@@ -1,0 +1,228 @@
+"""Faults that must lose nothing: a crashed training process, a tracking store that dies or was
+never there, and processes racing to initialise a fresh store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import tracking
+from tests.conftest import ROOT
+
+BASIC = str(ROOT / "ablations/stages/basic.yaml")
+SIX_EPOCHS = "epochs=6 width=0.125 batch_size=16 checkpoint_every_s=0 device=cpu"
+
+
+def _env(extra: dict | None) -> dict:
+    # A store of its own: the experiment id the test's store set in the environment is not in it.
+    env = {**os.environ, **(extra or {})}
+    if extra:
+        env.pop("MLFLOW_EXPERIMENT_ID", None)
+    return env
+
+
+def _start_training(data: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data", str(data),
+         "--set", SIX_EPOCHS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(env))
+
+
+def _stop_after_epoch(p: subprocess.Popen, epoch: int) -> None:
+    """Freeze the process once it reports that epoch (its checkpoint follows the report)."""
+    for line in p.stdout:
+        if f"epoch {epoch}/6:" in line:
+            p.send_signal(signal.SIGSTOP)
+            return
+    raise AssertionError(f"training ended before epoch {epoch}: {p.stderr.read()[-2000:]}")
+
+
+def _the_run(uri: str | None = None):
+    client = mlflow.MlflowClient(uri) if uri else mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(exps)
+    return run
+
+
+def _resume(data: Path, run_id: str, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data", str(data), "--set",
+         SIX_EPOCHS, "--resume", run_id], capture_output=True, text=True, env=_env(env),
+        timeout=600)
+
+
+def _epochs_logged(run_id: str, uri: str | None = None) -> list[int]:
+    client = mlflow.MlflowClient(uri) if uri else mlflow.MlflowClient()
+    return sorted(m.step for m in client.get_metric_history(run_id, "val/acc"))
+
+
+@pytest.mark.slow
+def test_a_crashed_training_is_seen_as_failed_and_resumes(kaggle_csv, tmp_path):
+    p = _start_training(kaggle_csv)
+    _stop_after_epoch(p, 2)
+    run = _the_run()
+    assert run.info.status == "RUNNING"
+    # While its process lives, the run is not anyone else's to resume.
+    r = _resume(kaggle_csv, run.info.run_id)
+    assert r.returncode == 2 and "still training in process" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1
+    p.send_signal(signal.SIGSEGV)  # the crash: no handler runs, the run stays RUNNING
+    p.send_signal(signal.SIGCONT)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGSEGV
+    assert _the_run().info.status == "RUNNING"
+
+    tracking.setup("tests")  # any later entry point on this machine
+    after = _the_run()
+    assert after.info.status == "FAILED"
+    assert "died" in after.data.tags["failure"]
+
+    r = _resume(kaggle_csv, run.info.run_id)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _the_run().info.status == "FINISHED"
+    assert _epochs_logged(run.info.run_id) == list(range(6))
+
+
+def test_a_live_run_on_another_process_is_not_marked_failed(tmp_path):
+    tracking.setup("tests")
+    with tracking.run("live"):
+        rid = mlflow.active_run().info.run_id
+        assert tracking.fail_dead_runs() == []
+    assert mlflow.get_run(rid).info.status == "FINISHED"
+    assert tracking.owner_alive(tracking.owner_tag()) is True
+    assert tracking.owner_alive("another-host:1:1") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    p = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
+            if p.poll() is not None:
+                raise AssertionError("mlflow server exited at start")
+            time.sleep(0.3)
+    raise TimeoutError("mlflow server did not answer /health")
+
+
+def _stop_server(p: subprocess.Popen) -> None:
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kaggle_csv,
+                                                                           tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    server = _start_server(tmp_path, port)
+    try:
+        p = _start_training(kaggle_csv, env)
+        _stop_after_epoch(p, 2)
+        run_id = _the_run(uri).info.run_id
+        _stop_server(server)
+        p.send_signal(signal.SIGCONT)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert f"stopped answering during run {run_id}" in line
+        assert f"--resume {run_id}" in line
+        assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+
+        server = _start_server(tmp_path, port)
+        r = _resume(kaggle_csv, run_id, env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+        # Epochs checkpointed while the store was gone reach it on resume, none twice.
+        assert _epochs_logged(run_id, uri) == list(range(6))
+    finally:
+        if server.poll() is None:
+            _stop_server(server)
+
+
+@pytest.mark.parametrize("uri", ["postgresql://postgres@127.0.0.1:1/test",
+                                 "http://127.0.0.1:1"])
+def test_an_unreachable_tracking_store_fails_in_one_line(kaggle_csv, uri):
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data", str(kaggle_csv),
+         "--set", SIX_EPOCHS], capture_output=True, text=True, timeout=60,
+        env=_env({"MLFLOW_TRACKING_URI": uri}))
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: MLflow tracking store {uri} is not reachable")
+    assert r.stderr.count("\n") == 1, r.stderr[-2000:]
+
+
+def _first_use(uri: str, barrier, storage: str | None) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # the test's own store's experiment
+    mlflow.set_tracking_uri(uri)
+    barrier.wait()  # every process starts at once
+    if storage:
+        from pipeline.workers import open_storage
+
+        open_storage(storage, 20)
+    else:
+        tracking.setup("race")
+        with tracking.run("first"):
+            mlflow.log_metric("m", 1.0)
+
+
+def _race(uri: str, storage: str | None = None, n: int = 4) -> list[int]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_first_use, args=(uri, barrier, storage)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    return [p.exitcode for p in procs]
+
+
+@pytest.mark.slow
+def test_simultaneous_first_use_of_a_fresh_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert _race(uri) == [0, 0, 0, 0]
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("race")
+    assert len(client.search_runs([exp.experiment_id])) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_simultaneous_first_use_of_a_fresh_postgres_database(tmp_path, fresh_pg):
+    # The MLflow schema on a fresh database, then the Optuna schema on another fresh one.
+    assert _race(fresh_pg) == [0, 0, 0, 0]
+    client = mlflow.MlflowClient(fresh_pg)
+    assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 4
+
+
+@pytest.mark.postgres
+def test_simultaneous_workers_create_the_optuna_schema_once(tmp_path, fresh_pg):
+    assert _race(f"sqlite:///{tmp_path / 'm.db'}", storage=fresh_pg) == [0, 0, 0, 0]

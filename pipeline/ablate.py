@@ -36,7 +36,8 @@ from .cli import EXPECTED, UsageError, parser, run_main
 from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
 from .models import supports_residual
 from .train import train
-from .workers import Heartbeat, open_storage
+from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
+                      open_storage)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "full")
@@ -480,9 +481,9 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     # study); child runs must not resume it through the environment.
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
     study, created = open_study(storage, name, s, data.digest, entry_run)
+    check_parent_here(study, storage_url)
     parent = study.user_attrs["parent_run_id"]
-    if entry_run and entry_run != parent:
-        mlflow.MlflowClient().set_tag(entry_run, "ablation_worker_of", parent)
+    attach_entry_run(entry_run, parent, name)
     print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
           f"({'created' if created else 'joined'}), parent run {parent}", flush=True)
     # Extra local workers join the study only now that it exists, so they never race to
@@ -503,9 +504,7 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
         for k, v in work(study, s, data, heartbeat).items():
             counts[k] += v
     text = report(study, s, Path(report_dir), time.time() - t0)
-    client = mlflow.MlflowClient()
-    if client.get_run(parent).info.status == "RUNNING" and parent != entry_run:
-        client.set_terminated(parent, "FINISHED")
+    finish_parent(parent, entry_run)
     return {"study": name, "parent_run_id": parent, "report": text, **counts}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -28,7 +29,8 @@ from .cli import EXPECTED, UsageError, parser, run_main
 from .config import SCHEDULERS, ConfigError, Config, build, coerce, config_path, to_yaml
 from .engine import StopRun
 from .train import train
-from .workers import Heartbeat, open_storage
+from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
+                      open_storage)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///tune.db"
@@ -394,10 +396,12 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
     data = fer.load(data_path)
     fer.check_usage(data)
     storage = open_storage(storage_url, heartbeat)
-    os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new child runs, not the entry's run
+    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new runs, not the entry's
     spec = hashlib.sha1(Path(space_path).read_bytes()).hexdigest()[:6]
     name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-6:]}-{spec}"
     study = open_tune_study(storage, name, space)
+    check_parent_here(study, storage_url)
+    attach_entry_run(entry_run, study.user_attrs["parent_run_id"], name)
     print(f"study {name}: {len(counted(study))} of {n_trials} trials finished", flush=True)
     mine = work(study, space, data, n_trials, heartbeat, timeout, seed)
     summary = {**summarize(study, space, Path(out_dir)), "this_worker": mine}
@@ -405,11 +409,8 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
         # Fresh seeds: none of them is the one the search selected on.
         fresh = [seed + 1 + i for i in range(retrain_seeds)]
         summary["retrain"] = retrain_best(study, space, data, fresh, summary)
-    client = mlflow.MlflowClient()
-    parent = study.user_attrs["parent_run_id"]
-    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and \
-            client.get_run(parent).info.status == "RUNNING":
-        client.set_terminated(parent, "FINISHED")
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary
 
 
@@ -432,7 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial")
     p.add_argument("--out-dir", default="tune_report")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: all cores); split the cores when several workers "
+                        "share this machine")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     tracking.setup(a.experiment)
     s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name or None, a.profile, a.timeout,
                  a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds)

@@ -107,6 +107,65 @@ def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
     assert "| batchnorm (added to reference) | 2 |" in again["report"]
 
 
+def test_a_study_whose_tracking_store_is_gone_stops_before_training(kaggle_csv, tmp_path,
+                                                                     monkeypatch):
+    study = mini_study(tmp_path)
+    run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None, "rep")
+    # Start over with a new tracking store (`rm mlflow.db`), the study store kept.
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh)
+    mlflow.set_tracking_uri(fresh)
+    mlflow.set_experiment("tests")
+    with pytest.raises(UsageError, match=r"parent run [0-9a-f]{32} is not in .*fresh\.db.*"
+                                         r"remove q\.db or pass --study-name"):
+        run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                   "rep")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_rerun_under_mlflow_run_completes_the_study_and_leaves_no_empty_run(
+        kaggle_csv, tmp_path, monkeypatch):
+    """What `mlflow run` does on a kill and a rerun: each invocation has its own entry run
+    (MLFLOW_RUN_ID); the first one's becomes the study's parent and is left FAILED."""
+    import pipeline.ablate as ablate
+
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name("tests").experiment_id
+    study = mini_study(tmp_path)
+    real_train, calls = ablate.train, []
+
+    def killed_on_third_cell(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    first = client.create_run(exp, run_name="entry-1").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", first)
+    monkeypatch.setattr(ablate, "train", killed_on_third_cell)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None, "rep")
+    client.set_terminated(first, "FAILED")  # `mlflow run` saw its command die
+
+    monkeypatch.setattr(ablate, "train", real_train)
+    second = client.create_run(exp, run_name="entry-2").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", second)
+    out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                     "rep")
+    client.set_terminated(second, "FINISHED")  # `mlflow run` ends its own run
+
+    assert out["parent_run_id"] == first and out["trained"] == 4
+    parent = client.get_run(first)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(first, "report")} >= {"report/report.md"}
+    rerun = client.get_run(second)
+    assert rerun.data.tags["mlflow.parentRunId"] == first
+    assert rerun.info.run_name.startswith("worker")
+    top = [r for r in client.search_runs([exp]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in top] == [first]
+    assert len([r for r in child_runs(out["study"]) if r.info.status == "FINISHED"]) == 6
+
+
 @pytest.mark.slow
 def test_jobs_start_local_workers_on_one_study(kaggle_csv, tmp_path):
     study = mini_study(tmp_path)

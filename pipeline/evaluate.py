@@ -10,36 +10,22 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import data as fer
-from . import plots, tracking
+from . import plots, serving, tracking
 from .cli import UsageError, parser, run_main
 
 
-def load_classifier(model_uri: str) -> torch.nn.Module:
+def load_model(model_uri: str) -> serving.ServedModel:
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
-    except (MlflowException, OSError) as e:
+        return serving.load(model_uri)
+    except (MlflowException, OSError, KeyError) as e:
         raise UsageError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. "
-                         f"Expected a URI printed by `pipeline.train`, e.g. models:/m-... or "
-                         f"runs:/<run_id>/model.") from None
-
-
-@torch.no_grad()
-def predict_proba(clf: torch.nn.Module, images: np.ndarray, tta: bool | None,
-                  batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for uint8 images (N, 48, 48). ``tta`` None: as the model is served
-    (with its run's TTA views if it was trained with tta); True/False: force the choice."""
-    use_tta = getattr(clf, "tta", False) if tta is None else tta
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[s:s + batch_size]).float().unsqueeze(1)
-        out.append(clf.probs(x, use_tta).float().numpy())
-    return np.concatenate(out) if out else np.empty((0, 7), np.float32)
+                         f"Expected a model folder or a URI printed by `pipeline.train`, e.g. "
+                         f"models:/m-... or runs:/<run_id>/<stage>.") from None
 
 
 def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
@@ -62,10 +48,10 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
     if len(rows) == 0:
         have = ", ".join(f"{u} ({n})" for u, n in zip(*np.unique(ds.usage, return_counts=True)))
         raise UsageError(f"{path}: no rows with Usage {usage!r}; the file has {have}.")
-    clf = load_classifier(model_uri)
+    model = load_model(model_uri)
     y = ds.labels[rows]
-    tta = getattr(clf, "tta", False) if tta is None else tta  # None: as the model is served
-    probs = predict_proba(clf, ds.images[rows], tta)
+    tta = model.clf.tta if tta is None else tta  # None: as the model is served
+    probs = model.probs(ds.images[rows], tta)
     result = score(y, probs, usage)
     with tracking.run(name=f"evaluate {usage}{' tta' if tta else ''}",
                       tags={"stage": "evaluate", "model_uri": model_uri}):

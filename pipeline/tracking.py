@@ -273,10 +273,13 @@ def _store_error(e: BaseException) -> bool:
 def log_input(data: Any, context: str = "training") -> None:
     """Log the data set as a run input with a digest of the whole source; mlflow's own numpy
     digest hashes only the first rows, so two different files could look the same."""
-    ds = mlflow.data.from_numpy(
+    mlflow.log_input(dataset(data), context=context)
+
+
+def dataset(data: Any) -> Any:
+    return mlflow.data.from_numpy(
         data.images, targets=data.labels, source=str(Path(data.source).resolve()),
         name=Path(data.source).name, digest=data.digest[-32:])
-    mlflow.log_input(ds, context=context)
 
 
 def log_text(text: str, artifact_file: str) -> None:

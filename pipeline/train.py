@@ -15,15 +15,14 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 from . import data as fer
-from . import plots, tracking
+from . import plots, serving, tracking
 from .cli import UsageError, parser, run_main
 from .config import TOGGLES, Config, ConfigError, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, TrainStep,
                      build_optimizer, build_scheduler, evaluate, load_optimizer_state,
                      seed_everything,
                      train_one_epoch)
-from .augment import tta_thetas
-from .models import FerClassifier, build_model, count_params
+from .models import build_model, count_params
 
 
 def checkpoint_dir() -> Path:
@@ -159,7 +158,10 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
                                  desc=desc)
             va = evaluate(model, xva, yva, rt)
             train_seconds += tr["seconds"]
-            row = {"epoch": epoch, "train/loss": tr["loss"], "train/acc": tr["acc"],
+            # Epochs count from 1 everywhere (the progress line, the step, best_epoch), and no
+            # per-epoch point sits at step 0, the step whose metrics MLflow ties to a logged
+            # model.
+            row = {"epoch": epoch + 1, "train/loss": tr["loss"], "train/acc": tr["acc"],
                    "val/loss": va["loss"], "val/acc": va["acc"],
                    "train/img_per_s": tr["img_per_s"], "lr": float(opt.param_groups[0]["lr"])}
             history.append(row)
@@ -276,7 +278,14 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split
     metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s)})
     if has_test:
         metrics.update({"test_acc": te["acc"], "test_acc_tta": te_t["acc"]})
-    mlflow.log_metrics(metrics)
+    model_uri = model_id = None
+    if log_model:
+        info = serving.log(serving.classifier(cfg, model.state_dict()), cfg,
+                           data.images[split.val[:2]])
+        model_uri, model_id = info.model_uri, info.model_id
+        mlflow.set_tag("model_uri", model_uri)
+    # Linked to the model and the data set, so the model's page shows these final figures.
+    mlflow.log_metrics(metrics, model_id=model_id, dataset=tracking.dataset(data))
 
     part = "test" if has_test else "val"
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -298,46 +307,8 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split
                       "test_tta": te_t["probs"].argmax(1).numpy().astype(np.int8),
                       "test_labels": yte.numpy().astype(np.int8)})
     tracking.log_npz(preds, "predictions.npz")
-    model_uri = None
-    if log_model:
-        model_uri = log_classifier(model, cfg, data.images[split.val[:2]])
     return {"model_uri": model_uri, **metrics,
             "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta")}
-
-
-def _requirements() -> list[str]:
-    # Stated, not inferred: inference loads the model in a subprocess and takes a minute.
-    from importlib.metadata import version
-
-    pins = [f"torch=={torch.__version__.split('+')[0]}"]
-    return pins + [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pyyaml", "scikit-learn",
-                                                   "pandas")]
-
-
-def classifier(model: torch.nn.Module, cfg: Config) -> FerClassifier:
-    """The served form of a trained network: fp32 on the CPU, raw pixels in, with the run's TTA."""
-    net = build_model(cfg)
-    net.load_state_dict({k: v.detach().cpu().float() for k, v in model.state_dict().items()})
-    return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
-
-
-def _model_kwargs(example: np.ndarray) -> dict[str, Any]:
-    # Pickle, not torch.export: an exported program freezes the example's batch size.
-    return dict(input_example=example.astype(np.float32)[:, None],  # (2, 1, 48, 48), 0..255
-                serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-                pip_requirements=_requirements())
-
-
-def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
-    """Log the model as a pickled torch module taking raw pixels and returning probabilities."""
-    clf = classifier(model, cfg)
-    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(example))
-    return info.model_uri
-
-
-def save_classifier(clf: FerClassifier, example: np.ndarray, path: str | Path) -> None:
-    """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
-    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(example))
 
 
 def main(argv: list[str] | None = None) -> int:

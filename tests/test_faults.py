@@ -91,7 +91,7 @@ def test_a_crashed_training_is_seen_as_failed_and_resumes(kaggle_csv, tmp_path):
     r = _resume(kaggle_csv, run.info.run_id)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _the_run().info.status == "FINISHED"
-    assert _epochs_logged(run.info.run_id) == list(range(6))
+    assert _epochs_logged(run.info.run_id) == list(range(1, 7))
 
 
 def test_a_live_run_on_another_process_is_not_marked_failed(tmp_path):
@@ -161,7 +161,7 @@ def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kagg
         assert r.returncode == 0, r.stderr[-3000:]
         assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
         # Epochs checkpointed while the store was gone reach it on resume, none twice.
-        assert _epochs_logged(run_id, uri) == list(range(6))
+        assert _epochs_logged(run_id, uri) == list(range(1, 7))
     finally:
         if server.poll() is None:
             _stop_server(server)

@@ -19,47 +19,52 @@ def _folder_bytes(path) -> int:
 def test_improved_loads_and_predicts_on_cpu():
     import mlflow
 
+    from pipeline.data import EMOTIONS
+    from pipeline.serving import load
+
     assert _folder_bytes(SHIPPED) < 30 * 2**20
     model = mlflow.pyfunc.load_model(str(SHIPPED))
     images = make_faces({"Training": 1})[0][:5]  # 5 generated faces, uint8 (5, 48, 48)
-    batch = images[:, None].astype(np.float32)
-    out = np.asarray(model.predict(batch))
-    assert out.shape == (5, 7)
+    out = model.predict(images)
+    assert list(out.columns) == [*EMOTIONS, "label"]
+    probs = out[list(EMOTIONS)].to_numpy()
+    assert probs.shape == (5, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert list(out["label"]) == [EMOTIONS[i] for i in probs.argmax(1)]
 
-    clf = mlflow.pytorch.load_model(str(SHIPPED), map_location="cpu").eval()
+    clf = load(str(SHIPPED)).clf
     # The study's improved network: [64,64][128,128,128][256,256,256] and a 256*6*6 -> 512 head.
     convs = [m for m in clf.net.features.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 128, 256, 256, 256]
     assert clf.net.head[1].in_features == 256 * 6 * 6
     # Its run used TTA, so the served output is the average over the run's four views.
     assert clf.tta and len(clf.views) == 4
-    x = torch.from_numpy(batch)
+    x = torch.from_numpy(images[:, None].astype(np.float32))
     with torch.no_grad():
-        assert np.allclose(out, clf.probs(x, True).numpy(), atol=1e-6)
-        assert not np.allclose(out, clf.probs(x, False).numpy(), atol=1e-4)
-        # A batch of one and a batch of five give the same answer for the same face.
-        one = np.asarray(model.predict(batch[:1]))
-    assert np.allclose(one[0], out[0], atol=1e-5)
+        assert np.allclose(probs, clf.probs(x, True).numpy(), atol=1e-6)
+        assert not np.allclose(probs, clf.probs(x, False).numpy(), atol=1e-4)
+    # A batch of one and a batch of five give the same answer for the same face.
+    one = model.predict(images[:1])[list(EMOTIONS)].to_numpy()
+    assert np.allclose(one[0], probs[0], atol=1e-5)
 
 
 def test_improved_requirements_pin_what_it_needs():
     reqs = (SHIPPED / "requirements.txt").read_text()
     assert "torch==" in reqs and "mlflow==" in reqs
     meta = yaml.safe_load((SHIPPED / "MLmodel").read_text())
-    assert meta["flavors"]["pytorch"]["model_data"] == "data"
+    assert meta["flavors"]["python_function"]["loader_module"] == "pipeline.serving"
+    assert (SHIPPED / "code" / "pipeline" / "serving.py").exists()
 
 
 @pytest.mark.realdata
 def test_improved_scores_on_public_test_as_the_readme_says(dev_data):
     """The README quotes this model's PublicTest accuracy; recompute it from the shipped folder."""
     from pipeline import data as fer
-    from pipeline.evaluate import load_classifier, predict_proba
+    from pipeline.serving import load
 
     ds = fer.load(dev_data)
     rows = ds.rows("PublicTest")
-    clf = load_classifier(str(SHIPPED))
-    acc = float((predict_proba(clf, ds.images[rows], None).argmax(1) == ds.labels[rows]).mean())
-    plain = float((predict_proba(clf, ds.images[rows], False).argmax(1) ==
-                   ds.labels[rows]).mean())
+    model = load(str(SHIPPED))
+    acc = float((model.probs(ds.images[rows]).argmax(1) == ds.labels[rows]).mean())
+    plain = float((model.probs(ds.images[rows], tta=False).argmax(1) == ds.labels[rows]).mean())
     assert acc == pytest.approx(0.6893, abs=5e-5)
     assert plain == pytest.approx(0.6721, abs=5e-5)

@@ -41,7 +41,8 @@ def test_one_epoch_of_every_stage(stage, kaggle_csv):
                                                           z["test_labels"]).mean()))
     assert run.data.tags["stage"] == stage and "batchnorm=" in run.data.tags["toggles"]
     hist = mlflow.MlflowClient().get_metric_history(out["run_id"], "val/acc")
-    assert [h.step for h in hist] == [0]
+    assert [h.step for h in hist] == [1]  # epochs count from 1, as best_epoch does
+    assert m["best_epoch"] == 1
     arts = {f.path for f in mlflow.MlflowClient().list_artifacts(out["run_id"])}
     assert {"config.yaml", "learning_curves.png", "confusion_matrix.png",
             "classification_report.txt", "misclassified.png", "predictions.npz"} <= arts
@@ -117,9 +118,21 @@ def test_cli_json_logged_model_and_evaluate(kaggle_csv, tmp_path):
     assert set(out) >= {"run_id", "model_uri", "val_acc", "test_acc"}
 
     model = mlflow.pyfunc.load_model(out["model_uri"])
-    batch = np.random.default_rng(0).integers(0, 256, (3, 1, 48, 48)).astype(np.float32)
-    probs = np.asarray(model.predict(batch))
+    batch = np.random.default_rng(0).integers(0, 256, (3, 48, 48)).astype(np.uint8)
+    pred = model.predict(batch)  # raw uint8 pixels, as a user has them
+    probs = pred[list(fer.EMOTIONS)].to_numpy()
     assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert set(pred["label"]) <= set(fer.EMOTIONS)
+    # The model is named after its stage, and its page shows the run's final figures, tied to
+    # the data set, not the per-epoch curves.
+    logged = mlflow.get_logged_model(out["model_uri"].split("/")[-1])
+    assert logged.name == "improved" and logged.source_run_id == out["run_id"]
+    by_key = {m.key: m for m in logged.metrics}
+    assert by_key["test_acc"].value == pytest.approx(out["test_acc"])
+    assert by_key["val_acc"].value == pytest.approx(out["val_acc"])
+    assert by_key["test_acc"].dataset_name == kaggle_csv.name
+    assert not any("/" in k for k in by_key)
+    assert mlflow.get_run(out["run_id"]).data.tags["model_uri"] == out["model_uri"]
 
     # A file with a Usage of its own and only two of the seven classes.
     images, labels, usage = make_faces({"Clinic": 4}, seed=3, classes=[0, 3])

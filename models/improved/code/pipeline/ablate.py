@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from .cli import EXPECTED, UsageError, parser, run_main
 from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
 from .models import supports_residual
 from .train import train
-from .workers import Heartbeat, open_storage
+from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
+                      open_storage)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "full")
@@ -286,8 +288,9 @@ def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE,
                                            [float(out.get("val_acc") or 0.0)])
             counts["trained"] += 1
-        except KeyboardInterrupt:
-            # Hand the cell straight back instead of waiting for the heartbeat to go stale.
+        except (KeyboardInterrupt, tracking.TrackingLost):
+            # Stopped, or the tracking store is gone: the cell goes straight back to the queue
+            # (not after the heartbeat goes stale) for this or another worker to resume.
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(t._trial_id))
             raise
@@ -370,8 +373,8 @@ def _p(p: float) -> str:
 QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
                  "The `{profile}` profile trains every cell for a fraction of the study's own "
                  "budget, so its models end near chance and some effects here have the opposite "
-                 "sign of their full-budget value. Read the `full` profile's report for the "
-                 "study's answer.")
+                 "sign of their full-budget value. The study's answer is the `full` profile's "
+                 "report; the project ships one in `docs/ablation-full/report.md`.")
 
 
 def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -> str:
@@ -445,7 +448,7 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
             client.log_artifact(parent, str(out_dir / name), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
     for r in rows:
-        key = "effect_" + "".join(ch if ch.isalnum() else "_" for ch in r["label"]).strip("_")
+        key = "effect_" + re.sub(r"[^a-z0-9]+", "_", r["label"].lower()).strip("_")
         for part in ("val", "test"):
             for stat in ("mean", "lo", "hi"):
                 v = r[f"{part}_{stat}"]
@@ -478,9 +481,9 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     # study); child runs must not resume it through the environment.
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
     study, created = open_study(storage, name, s, data.digest, entry_run)
+    check_parent_here(study, storage_url)
     parent = study.user_attrs["parent_run_id"]
-    if entry_run and entry_run != parent:
-        mlflow.MlflowClient().set_tag(entry_run, "ablation_worker_of", parent)
+    attach_entry_run(entry_run, parent, name)
     print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
           f"({'created' if created else 'joined'}), parent run {parent}", flush=True)
     # Extra local workers join the study only now that it exists, so they never race to
@@ -494,14 +497,14 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
             if h.wait() != 0:
                 print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
                       f"back to the queue", flush=True)
+    counts["helpers_exit"] = [h.returncode for h in helpers]
     if not write_report:
         return {"study": name, "parent_run_id": parent, "report": "", **counts}
     if any(h.returncode != 0 for h in helpers):
-        counts = {k: counts[k] + v for k, v in work(study, s, data, heartbeat).items()}
+        for k, v in work(study, s, data, heartbeat).items():
+            counts[k] += v
     text = report(study, s, Path(report_dir), time.time() - t0)
-    client = mlflow.MlflowClient()
-    if client.get_run(parent).info.status == "RUNNING" and parent != entry_run:
-        client.set_terminated(parent, "FINISHED")
+    finish_parent(parent, entry_run)
     return {"study": name, "parent_run_id": parent, "report": text, **counts}
 
 
@@ -554,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=_whole, default=1,
                    help="workers on this machine (one process each, the CPU threads split "
                         "between them; on a GPU they share it)")
-    p.add_argument("--log-models", choices=("all", "none", "reference"), default=None,
+    p.add_argument("--log-models", choices=("all", "none", "reference", ""), default=None,
                    help="which runs log an MLflow model (default: the profile's; reference: "
                         "only the reference stage's seed-0 run)")
     p.add_argument("--threads", type=_whole, default=0,
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.setup(a.experiment)
     out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
                      a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat, a.jobs, a.log_models, a.report)
+                     a.heartbeat, a.jobs, a.log_models or None, a.report)
     print(out["report"])
     return 0
 

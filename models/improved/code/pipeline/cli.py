@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Callable
 
 from .config import ConfigError
 from .data import DataError
+from .tracking import bound_retries
 
 
 class UsageError(ValueError):
@@ -38,18 +40,27 @@ def quiet_libraries() -> None:
     # progress and results.
     os.environ.setdefault("MLFLOW_ENABLE_PROACTIVE_SYSTEM_METRICS", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    bound_retries()
     for name in ("mlflow", "alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is experimental.*")
+    warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
     # Workers record trial heartbeats themselves (pipeline.workers.Heartbeat) around ask/tell.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run an entry point; expected errors print one paragraph and exit 2, never a traceback."""
     quiet_libraries()
+    # SIGTERM (a scheduler's or `kill`'s stop) is handled as Ctrl-C: runs end KILLED with their
+    # checkpoints kept, and a worker hands its cell straight back to the queue.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = fn(argv)
     except EXPECTED as e:

@@ -108,6 +108,12 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
         valid = ", ".join(sorted(_TYPES))
         raise ConfigError(f"{source}: unknown key {key!r}. Valid keys: {valid}.")
     want = _hint(key)
+    if want is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; any Python float literal is meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if want is bool
           else isinstance(value, int) and not isinstance(value, bool) if want is int
           else isinstance(value, (int, float)) and not isinstance(value, bool) if want is float

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,10 +96,15 @@ def _cache_path(digest: str) -> Path:
 def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return z["images"], z["labels"], z["usage"]
-    except (OSError, KeyError, ValueError, zlib.error):
-        # A damaged cache is a miss, never an error: the source is parsed again.
+            images, labels, usage = z["images"], z["labels"], z["usage"]
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error):
+        # A damaged cache (truncated, emptied, bit-flipped: zip's CRC catches the last) is a
+        # miss, never an error: the source is parsed again and the entry rewritten.
         return None
+    n = len(labels)
+    if images.shape != (n, 48, 48) or images.dtype != np.uint8 or usage.shape != (n,):
+        return None
+    return images, labels, usage
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, usage: np.ndarray) -> None:

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import N_DRAWS, augment_batch, normalize, tta_thetas, warp
+from .augment import N_DRAWS, augment_batch, normalize, tta_thetas
+from .models import view_probs
 from .cli import TrainingError
-from .config import OPTIMIZERS, SCHEDULERS, Config
+from .config import OPTIMIZERS, SCHEDULERS, Config, ConfigError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -31,6 +32,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = not deterministic
 
 
+def available_devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -38,7 +48,12 @@ def resolve_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    have = available_devices()
+    if (dev.type if dev.type in ("cpu", "mps") else f"{dev.type}:{dev.index or 0}") not in have:
+        raise ConfigError(f"device={name!r}: no such device here; available: "
+                          f"{', '.join(have)} (or auto).")
+    return dev
 
 
 def cpu_has_native_bf16() -> bool:
@@ -146,8 +161,12 @@ class Runtime:
         self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
         if self.channels_last and self.device.type == "cpu" and cfg.stage == "resnet" \
                 and cfg.width < 0.25:
-            # oneDNN in torch 2.14 on AVX-512 CPUs segfaults in the narrow ResNet's channels_last
-            # convolutions (the smoke profile's width .125); contiguous tensors avoid that path.
+            # oneDNN in torch 2.14 on AVX-512 CPUs segfaults (or aborts) in the backward pass of
+            # the narrow ResNet with channels_last: seen at widths .125 and .15 with batches of
+            # 3, 5 and 7, in fp32 and bf16, never in the other stages or with contiguous tensors.
+            # It matches oneDNN issue #6035 (1x1 stride-2 convolution backward_weights in nhwc
+            # with fewer input channels than one 16-channel block writes past its workspace):
+            # the ResNet's first projection has 64 * width inputs, under 16 below width .25.
             self.channels_last = False
         # A CUDA graph replays one fixed kernel sequence: only where nothing in the step needs
         # the host (Adam's capturable update; schedulers that change the lr alone).
@@ -306,20 +325,17 @@ def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = Fal
     TTA views (the first view is the original, so both come from one pass)."""
     cfg = rt.cfg
     model.eval()
-    thetas = tta_thetas(cfg) if tta else None
+    thetas = tta_thetas(cfg) if tta else torch.eye(2, 3)[None]  # the original view alone
     bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
     plain, averaged = [], []
     rng = range(0, len(images), bs)
     for start in tqdm(rng, desc=progress, leave=False, disable=None if progress else True):
         x = rt.to_input(images[start:start + bs].to(rt.device))
         with rt.autocast():
-            p = torch.softmax(model(normalize(x, cfg.normalize)).float(), dim=1)
-            plain.append(p.cpu())
-            if thetas is not None:
-                for v in range(1, len(thetas)):
-                    view = warp(x, thetas[v:v + 1].expand(len(x), 2, 3))
-                    p = p + torch.softmax(model(normalize(view, cfg.normalize)).float(), dim=1)
-                averaged.append((p / len(thetas)).cpu())
+            ps = view_probs(model, x, thetas, cfg.normalize)
+        plain.append(ps[0].cpu())
+        if tta:
+            averaged.append((sum(ps) / len(ps)).cpu())
     empty = torch.empty(0, 7)
     return (torch.cat(plain) if plain else empty,
             (torch.cat(averaged) if averaged else empty) if tta else None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .augment import normalize as norm
+from .augment import warp
 from .config import STAGES, Config, ConfigError
 
 N_CLASSES = 7
@@ -51,22 +53,34 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in: int, channels: list[int], bn: bool, residual: bool):
         super().__init__()
         layers: list[nn.Module] = []
-        c, rest = c_in, list(channels)
-        if residual and rest and rest[0] != c:
-            layers += _conv_bn_relu(c, rest[0], bn)  # the transition: the shape changes here
-            c = rest.pop(0)
-        while rest:
-            if residual and len(rest) >= 2 and rest[0] == rest[1] == c:
-                layers.append(IdentityResidual(c, bn))
-                rest = rest[2:]
-            else:
-                layers += _conv_bn_relu(c, rest[0], bn)
-                c = rest.pop(0)
+        c = c_in
+        for kind, c_out in block_layout(c_in, channels, residual):
+            layers += [IdentityResidual(c, bn)] if kind == "pair" else _conv_bn_relu(c, c_out, bn)
+            c = c_out
         self.body = nn.Sequential(*layers)
         self.out_channels = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+def block_layout(c_in: int, channels: list[int], residual: bool) -> list[tuple[str, int]]:
+    """A block's convs as ``("conv", c_out)`` and, with ``residual``, ``("pair", c)`` for two
+    convs at a constant ``c`` under one identity skip; a first conv that changes the channel
+    count stays a plain transition."""
+    out: list[tuple[str, int]] = []
+    c, rest = c_in, list(channels)
+    if residual and rest and rest[0] != c:
+        c = rest.pop(0)
+        out.append(("conv", c))
+    while rest:
+        if residual and len(rest) >= 2 and rest[0] == rest[1] == c:
+            out.append(("pair", c))
+            rest = rest[2:]
+        else:
+            c = rest.pop(0)
+            out.append(("conv", c))
+    return out
 
 
 def _conv_bn_relu(c_in: int, c_out: int, bn: bool) -> list[nn.Module]:
@@ -188,7 +202,12 @@ def supports_residual(stage: str) -> bool:
     """Whether ``residual`` changes this stage's network (it has a pair to skip around)."""
     if stage == "resnet":
         return True
-    return residual_blocks(ConvNet(ARCHS[stage], Config(stage=stage, residual=True))) > 0
+    c, found = 1, False
+    for channels in ARCHS[stage]["blocks"]:
+        layout = block_layout(c, channels, residual=True)
+        found |= any(kind == "pair" for kind, _ in layout)
+        c = layout[-1][1]
+    return found
 
 
 def residual_stages() -> list[str]:
@@ -220,24 +239,23 @@ class FerClassifier(nn.Module):
         return self.probs(x, self.tta)
 
     def probs(self, x: torch.Tensor, tta: bool) -> torch.Tensor:
-        from .augment import warp
-
         x = x.float()
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        x = x / 255.0
-        if self.symmetric:
-            x = x * 2 - 1
-        p = torch.softmax(self.net(x).float(), dim=1)
         views = getattr(self, "views", None)  # models pickled before views existed have none
-        if not tta or views is None or len(views) < 2:
-            return p
-        # Warp in [0, 1] and normalise after, as validation's TTA does: the zero padding of the
-        # warp is then black in both.
-        raw = x if not self.symmetric else (x + 1) / 2
-        for v in range(1, len(views)):
-            view = warp(raw, views[v:v + 1].expand(len(raw), 2, 3))
-            if self.symmetric:
-                view = view * 2 - 1
-            p = p + torch.softmax(self.net(view).float(), dim=1)
-        return p / len(views)
+        use = views if tta and views is not None else torch.eye(2, 3)[None]
+        ps = view_probs(self.net, x / 255.0, use, "symmetric" if self.symmetric else "unit")
+        return sum(ps) / len(ps)
+
+
+def view_probs(net: nn.Module, x01: torch.Tensor, views: torch.Tensor,
+               normalize: str) -> list[torch.Tensor]:
+    """Softmax probabilities of ``net`` on pixels in [0, 1] and on each further view (the first
+    view is the original). Views are warped in [0, 1] and normalised after, so the warp's zero
+    padding is black whatever the normalisation; training's validation and the served model
+    both score through here."""
+    ps = [torch.softmax(net(norm(x01, normalize)).float(), dim=1)]
+    for v in range(1, len(views)):
+        view = warp(x01, views[v:v + 1].expand(len(x01), 2, 3))
+        ps.append(torch.softmax(net(norm(view, normalize)).float(), dim=1))
+    return ps

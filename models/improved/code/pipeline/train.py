@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -14,19 +15,31 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 from . import data as fer
-from . import plots, tracking
-from .cli import parser, run_main
+from . import plots, serving, tracking
+from .cli import UsageError, parser, run_main
 from .config import TOGGLES, Config, ConfigError, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Runtime, StopRun, TrainStep,
                      build_optimizer, build_scheduler, evaluate, load_optimizer_state,
                      seed_everything,
                      train_one_epoch)
-from .augment import tta_thetas
-from .models import FerClassifier, build_model, count_params
+from .models import build_model, count_params
 
 
 def checkpoint_dir() -> Path:
     return Path(os.environ.get("FER_CHECKPOINT_DIR", "checkpoints"))
+
+
+def check_checkpoint_dir() -> None:
+    """Fail before any training, not after the first epoch, when checkpoints cannot be kept."""
+    d = checkpoint_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"checkpoint folder {d} (FER_CHECKPOINT_DIR) is not writable: "
+                         f"{e.strerror or e}.") from None
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -79,20 +92,18 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
 
+    check_checkpoint_dir()
+    # Checked before the run is touched: a refused resume leaves the run as it was.
+    if resume_run_id:
+        _check_resumable(resume_run_id)
+    state = _checkpoint(resume_run_id, cfg, data) if resume_run_id else None
     all_tags = {"stage": cfg.stage, "seed": str(cfg.seed), "toggles": toggles_of(cfg),
                 "device": f"{rt.device.type}{'-bf16' if rt.bf16 else ''}", **(tags or {})}
     with tracking.run(name=run_name or f"{cfg.stage} s{cfg.seed}", parent_run_id=parent_run_id,
-                      run_id=resume_run_id, tags=all_tags) as active:
+                      run_id=resume_run_id, tags=all_tags, resume_hint=True) as active:
         run_id = active.info.run_id
         ckpt = checkpoint_dir() / f"{run_id}.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            if state["config"] != cfg.to_dict():
-                raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with "
-                                  f"another config; resume with the same config.")
-            if state.get("data_digest", data.digest) != data.digest:
-                raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
-                                    f"{state['data_digest']}); resume it with the same --data.")
+        if state is not None:
             model.load_state_dict(state["model"])
             load_optimizer_state(opt, state["optimizer"])
             if sched is not None:
@@ -104,6 +115,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             np.random.set_state(state["numpy_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
+            _log_unlogged(run_id, history)
             train_seconds = state["train_seconds"]
             print(f"resuming run {run_id} at epoch {start_epoch + 1}/{cfg.epochs}")
         else:
@@ -188,10 +200,61 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     return {"run_id": run_id, **result}
 
 
+def _log_unlogged(run_id: str, history: list[dict[str, float]]) -> None:
+    """Log the checkpointed epochs that never reached MLflow (the store went away between the
+    checkpoint and the log), and none twice."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/acc")}
+    for row in history:
+        if int(row["epoch"]) not in logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                               step=int(row["epoch"]))
+
+
+def _check_resumable(run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+        status = run.info.status
+    except MlflowException:
+        raise UsageError(f"--resume {run_id}: no such run in the tracking store "
+                         f"{mlflow.get_tracking_uri()}.") from None
+    if status == "FINISHED":
+        raise UsageError(f"--resume {run_id}: that run is FINISHED; there is nothing to resume "
+                         f"(train a new run instead).")
+    owner = run.data.tags.get("owner")
+    if status == "RUNNING" and tracking.owner_alive(owner):
+        raise UsageError(f"--resume {run_id}: that run is still training in process "
+                         f"{owner.rsplit(':', 2)[1]} on this machine; stop it first.")
+
+
+def _checkpoint(run_id: str, cfg: Config, data: fer.FerData) -> dict[str, Any] | None:
+    """The run's checkpoint, if it has one, after checking it was made with this config and
+    this data."""
+    ckpt = checkpoint_dir() / f"{run_id}.pt"
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state["config"] != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if state["config"].get(k) != getattr(cfg, k))
+        raise ConfigError(f"{ckpt}: the checkpoint of run {run_id} was made with another config "
+                          f"(differs in {', '.join(diff)}); resume with the same config.")
+    if state.get("data_digest", data.digest) != data.digest:
+        raise fer.DataError(f"{ckpt}: run {run_id} was trained on other data (digest "
+                            f"{state['data_digest']}, not {data.digest}); resume it with the "
+                            f"same --data.")
+    return state
+
+
 def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split, xva, yva,
             xte, yte, history, train_seconds: float, stopper: EarlyStopping,
             log_model: bool) -> dict[str, Any]:
-    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts."""
+    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts.
+
+    They are computed in fp32, the precision the logged model serves in, whatever precision
+    trained the run."""
+    rt = copy.copy(rt)
+    rt.bf16 = False
     va = evaluate(model, xva, yva, rt, tta=True)
     va_t = va["tta"]
     has_test = len(yte) > 0
@@ -212,7 +275,14 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split
     metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s)})
     if has_test:
         metrics.update({"test_acc": te["acc"], "test_acc_tta": te_t["acc"]})
-    mlflow.log_metrics(metrics)
+    model_uri = model_id = None
+    if log_model:
+        info = serving.log(serving.classifier(cfg, model.state_dict()), cfg,
+                           data.images[split.val[:2]])
+        model_uri, model_id = info.model_uri, info.model_id
+        mlflow.set_tag("model_uri", model_uri)
+    # Linked to the model and the data set, so the model's page shows these final figures.
+    mlflow.log_metrics(metrics, model_id=model_id, dataset=tracking.dataset(data))
 
     part = "test" if has_test else "val"
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -234,46 +304,8 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split
                       "test_tta": te_t["probs"].argmax(1).numpy().astype(np.int8),
                       "test_labels": yte.numpy().astype(np.int8)})
     tracking.log_npz(preds, "predictions.npz")
-    model_uri = None
-    if log_model:
-        model_uri = log_classifier(model, cfg, data.images[split.val[:2]])
     return {"model_uri": model_uri, **metrics,
             "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta")}
-
-
-def _requirements() -> list[str]:
-    # Stated, not inferred: inference loads the model in a subprocess and takes a minute.
-    from importlib.metadata import version
-
-    pins = [f"torch=={torch.__version__.split('+')[0]}"]
-    return pins + [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pyyaml", "scikit-learn",
-                                                   "pandas")]
-
-
-def classifier(model: torch.nn.Module, cfg: Config) -> FerClassifier:
-    """The served form of a trained network: fp32 on the CPU, raw pixels in, with the run's TTA."""
-    net = build_model(cfg)
-    net.load_state_dict({k: v.detach().cpu().float() for k, v in model.state_dict().items()})
-    return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
-
-
-def _model_kwargs(clf: FerClassifier, example: np.ndarray) -> dict[str, Any]:
-    # Pickle, not torch.export: an exported program freezes the example's batch size.
-    return dict(input_example=example.astype(np.float32)[:, None],  # (2, 1, 48, 48), 0..255
-                serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-                pip_requirements=_requirements())
-
-
-def log_classifier(model: torch.nn.Module, cfg: Config, example: np.ndarray) -> str:
-    """Log the model as a pickled torch module taking raw pixels and returning probabilities."""
-    clf = classifier(model, cfg)
-    info = mlflow.pytorch.log_model(clf, name="model", **_model_kwargs(clf, example))
-    return info.model_uri
-
-
-def save_classifier(clf: FerClassifier, example: np.ndarray, path: str | Path) -> None:
-    """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
-    mlflow.pytorch.save_model(clf, str(path), **_model_kwargs(clf, example))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,16 +19,18 @@ from typing import Any
 
 import mlflow
 import optuna
+import torch
 import yaml
 from optuna.trial import TrialState
 
 from . import data as fer
-from . import tracking
+from . import stats, tracking
 from .cli import EXPECTED, UsageError, parser, run_main
-from .config import SCHEDULERS, ConfigError, Config, build, coerce, config_path
+from .config import SCHEDULERS, ConfigError, Config, build, coerce, config_path, to_yaml
 from .engine import StopRun
 from .train import train
-from .workers import Heartbeat, open_storage
+from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
+                      open_storage)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///tune.db"
@@ -206,6 +208,7 @@ def _find_trial_run(study_name: str, number: int):
 def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optuna.Trial,
               seed: int) -> float:
     params = space.sample(trial)
+    trial.set_user_attr("seed", seed)
     cfg = space.config(params, space.budget, seed)
     parent = study.user_attrs["parent_run_id"]
     origin = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
@@ -268,7 +271,7 @@ def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, he
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             state, mine["pruned"] = "pruned", mine["pruned"] + 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, tracking.TrackingLost):
             study.tell(trial, state=TrialState.FAIL)
             optuna.storages.RetryFailedTrialCallback()(study, study._storage.get_trial(
                 trial._trial_id))
@@ -314,12 +317,17 @@ def summarize(study: optuna.Study, space: Space, out_dir: Path) -> dict[str, Any
         return summary
     best = study.best_trial
     params = {k: v for k, v in best.params.items()}
-    base = yaml.safe_load(space.base_path.read_text()) or {}
-    best_cfg = {**base, **params}
-    header = (f"# Best of Optuna study {study.study_name} (trial {best.number}, val acc "
-              f"{best.value:.4f}, profile {space.profile}).\n# Use with: python -m "
-              f"pipeline.train --config best_config.yaml --data ...\n")
-    (out_dir / "best_config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
+    seed = int(best.user_attrs.get("seed", 0))
+    # The whole resolved config of the winning trial, budget and seed included, so
+    # `train --config best_config.yaml` runs exactly the trial that won.
+    best_cfg = space.config(params, space.budget, seed)
+    budget = ", ".join(f"{k}={v}" for k, v in space.budget.items()) or "the base's own settings"
+    header = (f"# Best of Optuna study {study.study_name}: trial {best.number}, val acc "
+              f"{best.value:.4f}, profile {space.profile}.\n"
+              f"# Found at this budget: {budget} (seed {seed}). A winner at a reduced budget "
+              f"need not win at the full one.\n"
+              f"# Use with: python -m pipeline.train --config best_config.yaml --data ...\n")
+    (out_dir / "best_config.yaml").write_text(header + to_yaml(best_cfg))
     client.log_artifact(parent, str(out_dir / "best_config.yaml"))
     client.log_metric(parent, "best_val_acc", best.value)
     client.set_tag(parent, "best_trial", str(best.number))
@@ -340,45 +348,69 @@ def summarize(study: optuna.Study, space: Space, out_dir: Path) -> dict[str, Any
     return summary
 
 
-def retrain_best(study: optuna.Study, space: Space, data: fer.FerData, seed: int,
+def retrain_best(study: optuna.Study, space: Space, data: fer.FerData, seeds: list[int],
                  summary: dict[str, Any]) -> dict[str, Any]:
-    """Train the best config, and the hand-tuned base, at the retrain budget, with test metrics."""
+    """Train the best config and the hand-tuned base on fresh seeds at the retrain budget, with
+    test metrics, and their difference paired by seed. Finished retrains are reused, so an
+    interrupted retrain resumes where it stopped."""
     parent = study.user_attrs["parent_run_id"]
-    out = {}
+    runs: dict[str, dict[int, dict[str, Any]]] = {"best": {}, "base": {}}
     for label, params in (("best", summary["best_params"]), ("base", {})):
-        cfg = space.config(params, space.retrain, seed)
-        r = train(cfg, data, run_name=f"retrain {label}", parent_run_id=parent,
-                  tags={"study": study.study_name, "role": f"retrain-{label}"})
-        out[label] = {k: r.get(k) for k in ("run_id", "val_acc", "test_acc", "test_acc_tta",
-                                           "val_acc_tta")}
-    return out
+        for sd in seeds:
+            done = mlflow.search_runs(
+                search_all_experiments=True, output_format="list", max_results=1,
+                filter_string=f"tags.study = '{study.study_name}' and tags.role = "
+                              f"'retrain-{label}' and tags.seed = '{sd}' and "
+                              f"attributes.status = 'FINISHED'")
+            if done:
+                r = {"run_id": done[0].info.run_id, **done[0].data.metrics}
+            else:
+                cfg = space.config(params, space.retrain, sd)
+                r = train(cfg, data, run_name=f"retrain {label} s{sd}", parent_run_id=parent,
+                          tags={"study": study.study_name, "role": f"retrain-{label}"})
+            runs[label][sd] = {k: r.get(k) for k in ("run_id", "val_acc", "val_acc_tta",
+                                                     "test_acc", "test_acc_tta")}
+    diff = {}
+    for key in ("val_acc", "test_acc", "test_acc_tta"):
+        e = stats.paired_effect({sd: float(v[key]) for sd, v in runs["best"].items()},
+                                {sd: float(v[key]) for sd, v in runs["base"].items()})
+        diff[key] = e
+        for stat in ("mean", "lo", "hi"):
+            if math.isfinite(e[stat]):
+                suffix = "" if stat == "mean" else f"_{stat}"
+                mlflow.MlflowClient().log_metric(parent, f"tuned_minus_base/{key}_points{suffix}",
+                                                 100 * e[stat])
+    return {"seeds": seeds, "runs": runs, "tuned_minus_base": diff}
 
 
 def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
              study_name: str | None, profile: str, timeout: float | None = None,
              retrain: bool = False, heartbeat: int = 20, seed: int = 0,
-             out_dir: str = "tune_report") -> dict[str, Any]:
+             out_dir: str = "tune_report", retrain_seeds: int = 3) -> dict[str, Any]:
     if n_trials < 1:
         raise UsageError(f"--n-trials must be at least 1, got {n_trials}.")
+    if retrain and retrain_seeds < 1:
+        raise UsageError(f"--retrain-seeds must be at least 1, got {retrain_seeds}.")
     space = Space(space_path, profile)  # every check before anything is created
     tracking.check_reachable()
     data = fer.load(data_path)
     fer.check_usage(data)
     storage = open_storage(storage_url, heartbeat)
-    os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new child runs, not the entry's run
+    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new runs, not the entry's
     spec = hashlib.sha1(Path(space_path).read_bytes()).hexdigest()[:6]
     name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-6:]}-{spec}"
     study = open_tune_study(storage, name, space)
+    check_parent_here(study, storage_url)
+    attach_entry_run(entry_run, study.user_attrs["parent_run_id"], name)
     print(f"study {name}: {len(counted(study))} of {n_trials} trials finished", flush=True)
     mine = work(study, space, data, n_trials, heartbeat, timeout, seed)
     summary = {**summarize(study, space, Path(out_dir)), "this_worker": mine}
     if retrain and summary.get("best_params") is not None:
-        summary["retrain"] = retrain_best(study, space, data, seed, summary)
-    client = mlflow.MlflowClient()
-    parent = study.user_attrs["parent_run_id"]
-    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and \
-            client.get_run(parent).info.status == "RUNNING":
-        client.set_terminated(parent, "FINISHED")
+        # Fresh seeds: none of them is the one the search selected on.
+        fresh = [seed + 1 + i for i in range(retrain_seeds)]
+        summary["retrain"] = retrain_best(study, space, data, fresh, summary)
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary
 
 
@@ -394,14 +426,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick", choices=PROFILES)
     p.add_argument("--timeout", type=float, default=None, help="seconds this worker may search")
     p.add_argument("--retrain-best", action=argparse.BooleanOptionalAction, default=False,
-                   help="train the best config (and the base) at the profile's retrain budget")
+                   help="train the best config and the base at the profile's retrain budget on "
+                        "--retrain-seeds fresh seeds, and compare them paired by seed")
+    p.add_argument("--retrain-seeds", type=lambda v: int(float(v)), default=3,
+                   help="fresh seeds for --retrain-best (seed+1, seed+2, ...)")
     p.add_argument("--heartbeat", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial")
     p.add_argument("--out-dir", default="tune_report")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: all cores); split the cores when several workers "
+                        "share this machine")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     tracking.setup(a.experiment)
     s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name or None, a.profile, a.timeout,
-                 a.retrain_best, a.heartbeat, a.seed, a.out_dir)
+                 a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds)
     print(json.dumps(s, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return 0
 

@@ -1,0 +1,159 @@
+"""The logged model takes raw pixels as users have them, refuses what it cannot read, answers
+with named emotions, and serves over HTTP with `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline import serving
+from pipeline.config import Config
+from pipeline.data import EMOTIONS
+from pipeline.models import build_model
+from tests.conftest import make_faces
+
+FACES = make_faces({"Training": 1})[0][:4]  # uint8 (4, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A model folder as `train` and `export` write it (tiny net, TTA on, random weights)."""
+    torch.manual_seed(0)
+    cfg = Config(stage="improved", width=0.125, tta=True)
+    # Sharpened: a fresh net answers nearly uniformly, which would hide a wrong TTA average.
+    state = {k: v * 30 if k.startswith("head") and k.endswith("weight") else v
+             for k, v in build_model(cfg).state_dict().items()}
+    clf = serving.classifier(cfg, state)
+    path = tmp_path_factory.mktemp("model") / "improved"
+    serving.save(clf, cfg, FACES[:2], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return mlflow.pyfunc.load_model(str(folder))
+
+
+def _probs(out) -> np.ndarray:
+    return out[list(EMOTIONS)].to_numpy()
+
+
+def test_output_is_named_emotions_and_a_label(model, folder):
+    out = model.predict(FACES)
+    assert list(out.columns) == [*EMOTIONS, "label"]
+    assert np.allclose(_probs(out).sum(1), 1, atol=1e-5)
+    assert list(out["label"]) == [EMOTIONS[i] for i in _probs(out).argmax(1)]
+    outputs = model.metadata.get_output_schema().input_names()
+    assert outputs == [*EMOTIONS, "label"]
+
+
+@pytest.mark.parametrize("form", ["uint8 (N,48,48)", "uint8 (N,1,48,48)", "uint8 (N,2304)",
+                                  "int64", "int32", "float32", "float64", "nested lists",
+                                  "DataFrame"])
+def test_every_accepted_form_gives_the_same_answer(model, form):
+    import pandas as pd
+
+    x = FACES
+    batch = {"uint8 (N,48,48)": x, "uint8 (N,1,48,48)": x[:, None],
+             "uint8 (N,2304)": x.reshape(4, -1), "int64": x.astype(np.int64),
+             "int32": x[:, None].astype(np.int32), "float32": x.astype(np.float32),
+             "float64": x.reshape(4, -1).astype(np.float64), "nested lists": x.tolist(),
+             "DataFrame": pd.DataFrame(x.reshape(4, -1))}[form]
+    expected = _probs(model.predict(x))
+    assert np.allclose(_probs(model.predict(batch)), expected, atol=1e-6)
+
+
+def test_the_answer_is_the_network_on_normalised_pixels(folder):
+    """Not just consistent: the probabilities are the net's softmax on pixels / 255, averaged
+    over the TTA views, with the identity view first."""
+    served = serving.load(str(folder))
+    clf = served.clf
+    x = torch.from_numpy(FACES[:, None].astype(np.float32))
+    with torch.no_grad():
+        plain = torch.softmax(clf.net(x / 255.0), dim=1).numpy()
+    assert np.allclose(served.probs(FACES, tta=False), plain, atol=1e-6)
+    assert not np.allclose(served.probs(FACES), plain, atol=1e-4)  # TTA on: other views count
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (FACES / 255.0, "looks scaled to 0..1"),
+    (FACES.astype(np.float32) / 255.0, "multiply by 255"),
+    (np.where(np.arange(2304).reshape(1, 48, 48) == 7, 455, 200), "this batch spans 200..455"),
+    (FACES.astype(np.int64) - 300, "must lie in 0..255"),
+    (np.full((2, 48, 48), np.nan), "NaN"),
+    (FACES[:, :40], "got shape (4, 40, 48)"),
+    (FACES.reshape(4, -1)[:, :2000], "got shape (4, 2000)"),
+    (FACES[0], "got shape (48, 48)"),
+    (np.array([["a"] * 2304]), "got values of type"),
+    (np.zeros((0, 48, 48), np.uint8), "holds no image"),
+])
+def test_unreadable_batches_are_refused_with_a_reason(model, bad, needle):
+    with pytest.raises(Exception) as e:
+        model.predict(bad)
+    assert needle in str(e.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_real_request(model, folder):
+    port = _free_port()
+    bindir = Path(sys.executable).parent
+    # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH (activated).
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    p = subprocess.Popen([str(bindir / "mlflow"), "models", "serve", "-m", str(folder),
+                          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:  # the event: the server answers its health check
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if p.poll() is not None:
+                    raise AssertionError(f"server exited: {p.stderr.read()[-2000:]}")
+                if time.time() > deadline:
+                    raise TimeoutError("mlflow models serve did not come up")
+                time.sleep(0.5)
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             {"inputs": FACES[:2].reshape(2, -1).tolist()})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert [r["label"] for r in rows] == list(model.predict(FACES[:2])["label"])
+        assert np.allclose([[r[e] for e in EMOTIONS] for r in rows],
+                           _probs(model.predict(FACES[:2])), atol=1e-6)
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             {"inputs": (FACES[:1] / 255.0).tolist()})
+        assert status >= 400 and "multiply by 255" in json.dumps(body)
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)

@@ -415,9 +415,8 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
         lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['val_mean'], r['val_lo'], r['val_hi'])}"
                      f" | {_p(r['val_p'])} | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} "
                      f"| {_p(r['test_p'])} |")
-    lines += ["", "Cells: `stage X` trains a stage as the study describes it; `loo -T` is the "
-              f"reference ({s.reference}) with toggle T left out (`loo +T`: added, where the "
-              f"reference lacks it); `aoi +T` is the base ({s.base}) with T added in.", ""]
+    lines += ["", f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child "
+              "run is named `<cell> s<seed>`.", ""]
     for name, why in s.skipped:
         lines.append(f"- `{name}` is left out: {why}.")
     lines += ["", "## Stage ladder", "",
@@ -447,6 +446,7 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
             fig.savefig(out_dir / name, dpi=110)
             client.log_artifact(parent, str(out_dir / name), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
+    client.set_tag(parent, "mlflow.note.content", text)  # the report on the run's overview page
     for r in rows:
         key = "effect_" + re.sub(r"[^a-z0-9]+", "_", r["label"].lower()).strip("_")
         for part in ("val", "test"):
@@ -456,6 +456,19 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
                     suffix = "" if stat == "mean" else f"_{stat}"
                     client.log_metric(parent, f"{key}/{part}_points{suffix}", 100 * v)
     return text
+
+
+CELL_GUIDE = ("`stage X` trains stage X as the study describes it; `loo -T` (leave one out) is "
+              "the reference with toggle T taken out, `loo +T` with T put in where the "
+              "reference lacks it; `aoi +T` (add one in) is the base with T added.")
+
+
+def study_description(name: str, s: Study) -> str:
+    return (f"Ablation study `{name}` ({s.profile} profile, {s.seeds} seed(s) per cell, "
+            f"{len(s.cells)} cells). The parent run `ablation {s.profile}` holds the report on "
+            f"its overview page; each child run is one cell and seed, named `<cell> s<seed>`. "
+            f"{CELL_GUIDE} To compare cells: in the runs table, group by the tag `cell` and "
+            f"show `val_acc`, `test_acc` and `test_acc_tta`.")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -477,6 +490,7 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     # starts a new study instead of clashing with the old one; an unchanged one resumes.
     name = study_name or (f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-6:]}-"
                           f"{fingerprint(s)[:6]}")
+    tracking.use_study_experiment(name, study_description(name, s))
     # Under `mlflow run` the entry's run becomes the parent (when this worker creates the
     # study); child runs must not resume it through the environment.
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)

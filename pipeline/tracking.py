@@ -25,7 +25,7 @@ def setup(experiment: str | None) -> None:
     Under ``mlflow run`` the run and its experiment are already chosen; choosing another one
     would fail, so the name is then ignored.
     """
-    global _EXPERIMENT_NAME
+    global _EXPERIMENT_NAME, _CHOSEN
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     with first_use_lock(mlflow.get_tracking_uri()):
@@ -33,15 +33,32 @@ def setup(experiment: str | None) -> None:
         # together on a fresh SQLite file would both migrate it and one would fail.
         check_reachable()
         if os.environ.get("MLFLOW_RUN_ID"):
-            pass  # under `mlflow run`: its run's experiment
+            _CHOSEN = "mlflow run"  # its run's experiment
         elif experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            # MLFLOW_EXPERIMENT_ID alone: a parent process (a study's local worker) chose it.
+            _CHOSEN = "user" if experiment else "default"
             _EXPERIMENT_NAME = experiment or DEFAULT_EXPERIMENT
             mlflow.set_experiment(_EXPERIMENT_NAME)
+        else:
+            _CHOSEN = "environment"  # a parent process (a study's local worker) chose it
     fail_dead_runs()
 
 
 _EXPERIMENT_NAME = DEFAULT_EXPERIMENT
+_CHOSEN = "default"  # who chose the experiment: default | user | mlflow run | environment
+
+
+def use_study_experiment(name: str, description: str) -> str:
+    """A study or search gets an experiment of its own, named after it, with a description;
+    unless `mlflow run`, ``--experiment`` or a parent process already chose one."""
+    global _EXPERIMENT_NAME
+    if _CHOSEN == "default":
+        _EXPERIMENT_NAME = name
+        with first_use_lock(mlflow.get_tracking_uri()):
+            exp = mlflow.set_experiment(name)
+        if not exp.tags.get("mlflow.note.content"):
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.note.content",
+                                                     description)
+    return experiment_id()
 
 
 def experiment_id() -> str:

@@ -311,6 +311,13 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: fer.Split
             "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta")}
 
 
+def run_name(cfg: Config, overrides: dict[str, Any]) -> str:
+    """``resnet s0 augment=false``: the stage, the seed and what the command line changed."""
+    shown = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                     for k, v in overrides.items() if k != "seed")
+    return f"{cfg.stage} s{cfg.seed}" + (f" {shown}" if shown else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("Train one stage of the study as an MLflow run.")
     p.add_argument("--config", required=True, help="a YAML under ablations/stages/")
@@ -320,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, metavar="RUN_ID",
                    help="continue an interrupted run from its checkpoint")
     a = p.parse_args(argv)
-    cfg = build(a.config, parse_set(a.set))
+    overrides = parse_set(a.set)
+    cfg = build(a.config, overrides)
     tracking.setup(a.experiment)
     tracking.check_reachable()
     data = fer.load(a.data)
     fer.check_usage(data)
     resume = a.resume or os.environ.get("MLFLOW_RUN_ID")
-    out = train(cfg, data, resume_run_id=resume)
+    out = train(cfg, data, resume_run_id=resume, run_name=run_name(cfg, overrides))
     keys = ("run_id", "model_uri", "val_acc", "test_acc", "val_acc_tta", "test_acc_tta")
     print(json.dumps({k: out.get(k) for k in keys}))
     return 0

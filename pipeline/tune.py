@@ -345,6 +345,14 @@ def summarize(study: optuna.Study, space: Space, out_dir: Path) -> dict[str, Any
             # Importances need two complete trials with differing params; say so, not crash.
             print(f"note: {name} not drawn ({e})")
     summary.update({"best_trial": best.number, "best_val_acc": best.value, "best_params": params})
+    rows = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+    client.set_tag(parent, "mlflow.note.content", (
+        f"# Search `{study.study_name}`\n\n{len(trials)} finished trials ({len(complete)} "
+        f"complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), profile "
+        f"{space.profile}, budget {budget}.\n\nBest: trial {best.number}, val acc "
+        f"{best.value:.4f} (selected on val; no trial saw the test split).\n\n"
+        f"| parameter | value |\n|---|---|\n{rows}\n\nArtifacts: `best_config.yaml`, "
+        f"`optimization_history.png`, `param_importances.png`, `trials.csv`.\n"))
     return summary
 
 
@@ -399,6 +407,11 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new runs, not the entry's
     spec = hashlib.sha1(Path(space_path).read_bytes()).hexdigest()[:6]
     name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-6:]}-{spec}"
+    tracking.use_study_experiment(name, (
+        f"Optuna search `{name}` ({space.profile} profile) over {space.path.name}. The parent "
+        f"run `tune {name}` holds the best config, the history and importance plots and the "
+        f"trials table; each child run is one trial, tagged `state` complete, pruned or "
+        f"failed, and holds no test metric."))
     study = open_tune_study(storage, name, space)
     check_parent_here(study, storage_url)
     attach_entry_run(entry_run, study.user_attrs["parent_run_id"], name)

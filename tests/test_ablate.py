@@ -107,6 +107,33 @@ def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
     assert "| batchnorm (added to reference) | 2 |" in again["report"]
 
 
+def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description(
+        kaggle_csv, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # a plain shell: no experiment chosen
+    tracking.setup(None)
+    study = mini_study(tmp_path)
+    out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                     "rep")
+    exp = mlflow.get_experiment_by_name(out["study"])
+    assert exp is not None and "group by the tag `cell`" in exp.tags["mlflow.note.content"]
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    assert len(runs) == 1 + 6  # the parent and every (cell, seed), nothing else
+    parent = mlflow.get_run(out["parent_run_id"])
+    assert parent.info.experiment_id == exp.experiment_id
+    assert parent.data.tags["mlflow.note.content"] == out["report"]
+    assert "`loo -T` (leave one out)" in out["report"]
+    # Effects are in points on val and test, with their interval bounds, as in the report.
+    keys = set(parent.data.metrics)
+    for part in ("val", "test"):
+        assert {f"effect_batchnorm_added_to_reference/{part}_points{s}"
+                for s in ("", "_lo", "_hi")} <= keys
+    default = mlflow.get_experiment_by_name("fer2013")
+    assert default is None or not mlflow.search_runs([default.experiment_id],
+                                                     output_format="list")
+
+
 def test_a_study_whose_tracking_store_is_gone_stops_before_training(kaggle_csv, tmp_path,
                                                                      monkeypatch):
     study = mini_study(tmp_path)

@@ -116,6 +116,8 @@ def test_cli_json_logged_model_and_evaluate(kaggle_csv, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) >= {"run_id", "model_uri", "val_acc", "test_acc"}
+    # The run's name says what the command line changed.
+    assert mlflow.get_run(out["run_id"]).info.run_name == "improved s0 epochs=1 width=0.125"
 
     model = mlflow.pyfunc.load_model(out["model_uri"])
     batch = np.random.default_rng(0).integers(0, 256, (3, 48, 48)).astype(np.uint8)

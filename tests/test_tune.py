@@ -41,7 +41,11 @@ def trial_runs(study: str):
                               filter_string=f"tags.study = '{study}' and tags.role = 'trial'")
 
 
-def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path):
+def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # a plain shell: the search gets its experiment
+    tracking.setup(None)
     s = run_tune(str(kaggle_csv), str(space_file(tmp_path)), 4, "sqlite:///t.db", None,
                  "smoke", out_dir="rep")
     assert s["n_finished"] == 4 and s["n_complete"] >= 1
@@ -51,6 +55,11 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path):
     assert len(parents) == 1
     assert {r.data.tags["state"] for r in runs} <= {"complete", "pruned"}
     parent = parents.pop()
+    exp = mlflow.get_experiment_by_name(s["study"])
+    assert "Optuna search" in exp.tags["mlflow.note.content"]
+    assert {r.info.experiment_id for r in runs} == {exp.experiment_id}
+    note = mlflow.get_run(parent).data.tags["mlflow.note.content"]
+    assert f"Best: trial {s['best_trial']}, val acc {s['best_val_acc']:.4f}" in note
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent)}
     assert {"best_config.yaml", "optimization_history.png", "param_importances.png",
             "trials.csv"} <= arts

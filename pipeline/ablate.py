@@ -477,7 +477,8 @@ def study_description(name: str, s: Study) -> str:
 def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
                budget: dict[str, Any], storage_url: str, study_name: str | None,
                report_dir: str, heartbeat: int = 20, jobs: int = 1,
-               log_models: str | None = None, write_report: bool = True) -> dict[str, Any]:
+               log_models: str | None = None, write_report: bool = True,
+               register: str | None = None, alias: str = "best") -> dict[str, Any]:
     t0 = time.time()
     s = load_study(study_path, profile, seeds, budget)  # errors before anything else
     if log_models is not None:
@@ -519,7 +520,20 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
             counts[k] += v
     text = report(study, s, Path(report_dir), time.time() - t0)
     finish_parent(parent, entry_run)
-    return {"study": name, "parent_run_id": parent, "report": text, **counts}
+    out = {"study": name, "parent_run_id": parent, "report": text, **counts}
+    if register:
+        out["registered"] = _register(f"tags.study = '{name}'", register, alias)
+    return out
+
+
+def _register(filter_string: str, name: str, alias: str) -> dict[str, Any]:
+    reg = tracking.register_best(filter_string, name, alias)
+    if reg is None:
+        raise UsageError(f"nothing to register as {name!r}: no finished run logged a model "
+                         f"(pass --log-models all or reference).")
+    print(f"registered {reg['uri']} (version {reg['version']}): run {reg['run_id']}, val acc "
+          f"{reg['val_acc']:.4f}", flush=True)
+    return reg
 
 
 def worker_threads(jobs: int) -> int:
@@ -579,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="build the report when the queue is empty (extra workers leave it to "
                         "the one that started them)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register the study's best model (by val accuracy) in the Model "
+                        "Registry as NAME, with the alias --alias")
+    p.add_argument("--alias", default="best", help="alias of the registered version")
     a = p.parse_args(argv)
     if a.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
@@ -588,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking.setup(a.experiment)
     out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
                      a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat, a.jobs, a.log_models or None, a.report)
+                     a.heartbeat, a.jobs, a.log_models or None, a.report, a.register or None,
+                     a.alias)
     print(out["report"])
     return 0
 

@@ -394,9 +394,13 @@ def retrain_best(study: optuna.Study, space: Space, data: fer.FerData, seeds: li
 def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
              study_name: str | None, profile: str, timeout: float | None = None,
              retrain: bool = False, heartbeat: int = 20, seed: int = 0,
-             out_dir: str = "tune_report", retrain_seeds: int = 3) -> dict[str, Any]:
+             out_dir: str = "tune_report", retrain_seeds: int = 3,
+             register: str | None = None, alias: str = "best") -> dict[str, Any]:
     if n_trials < 1:
         raise UsageError(f"--n-trials must be at least 1, got {n_trials}.")
+    if register and not retrain:
+        raise UsageError("--register needs --retrain-best: the registered model is the best "
+                         "retrain of the winning config.")
     if retrain and retrain_seeds < 1:
         raise UsageError(f"--retrain-seeds must be at least 1, got {retrain_seeds}.")
     space = Space(space_path, profile)  # every check before anything is created
@@ -422,6 +426,13 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
         # Fresh seeds: none of them is the one the search selected on.
         fresh = [seed + 1 + i for i in range(retrain_seeds)]
         summary["retrain"] = retrain_best(study, space, data, fresh, summary)
+        if register:
+            reg = tracking.register_best(f"tags.study = '{name}' and tags.role = 'retrain-best'",
+                                         register, alias)
+            if reg is not None:
+                print(f"registered {reg['uri']} (version {reg['version']}): run "
+                      f"{reg['run_id']}, val acc {reg['val_acc']:.4f}", flush=True)
+            summary["registered"] = reg
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary
@@ -449,12 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: all cores); split the cores when several workers "
                         "share this machine")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="with --retrain-best: register the best retrain of the winning config "
+                        "(by val accuracy) in the Model Registry as NAME, with the alias --alias")
+    p.add_argument("--alias", default="best", help="alias of the registered version")
     a = p.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     tracking.setup(a.experiment)
     s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name or None, a.profile, a.timeout,
-                 a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds)
+                 a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds,
+                 a.register or None, a.alias)
     print(json.dumps(s, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return 0
 

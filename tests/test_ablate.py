@@ -134,6 +134,28 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
                                                      output_format="list")
 
 
+def test_register_puts_the_best_val_model_in_the_registry(kaggle_csv, tmp_path):
+    study = mini_study(tmp_path)
+    with pytest.raises(UsageError, match="no finished run logged a model"):
+        run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
+                   "rep", register="fer-best")
+    out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", "logged",
+                     "rep", log_models="all", register="fer-best", alias="champion")
+    children = child_runs(out["study"])
+    best = max(children, key=lambda r: r.data.metrics["val_acc"])
+    reg = out["registered"]
+    assert reg["val_acc"] == best.data.metrics["val_acc"]
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("fer-best", "champion")
+    # Chosen on val: its run has the best val accuracy of the study (ties are equally best).
+    assert version.run_id == reg["run_id"]
+    assert mlflow.get_run(version.run_id).data.metrics["val_acc"] == best.data.metrics["val_acc"]
+    assert mlflow.get_run(version.run_id).data.tags["study"] == out["study"]
+    model = mlflow.pyfunc.load_model("models:/fer-best@champion")
+    pred = model.predict(np.zeros((2, 48, 48), np.uint8) + 100)
+    assert list(pred.columns)[-1] == "label" and len(pred) == 2
+
+
 def test_a_study_whose_tracking_store_is_gone_stops_before_training(kaggle_csv, tmp_path,
                                                                      monkeypatch):
     study = mini_study(tmp_path)

@@ -49,8 +49,8 @@ DEFAULT_STORAGE = "sqlite:///ablate.db"
 
 @dataclass(frozen=True)
 class Cell:
-    name: str  # e.g. "loo -batchnorm", "stage advanced", "aoi +augment"
-    kind: str  # stage | loo | aoi
+    name: str  # e.g. "advanced", "improved -batchnorm", "basic +augment"
+    kind: str  # stage | leave-one-out | add-one-in
     stage: str
     overrides: dict[str, Any]
     toggle: str | None = None
@@ -137,11 +137,16 @@ def _is_on(cfg: Config, spec: dict) -> bool:
     return all(getattr(cfg, k) == v for k, v in spec["with"].items())
 
 
+def label(stage_or_yaml: str) -> str:
+    """A cell's name for a stage (``improved``) or a config YAML (``best_config``)."""
+    return Path(stage_or_yaml).stem if stage_or_yaml.endswith((".yaml", ".yml")) else stage_or_yaml
+
+
 def _cells(s: Study) -> list[Cell]:
     # The reference and base need their own cells when they are not on the ladder (a tuned
     # config YAML as the reference, say).
     names = list(dict.fromkeys([*s.ladder, s.reference, s.base]))
-    cells = [Cell(f"stage {st}", "stage", st, {}) for st in names]
+    cells = [Cell(label(st), "stage", st, {}) for st in names]
     ref = build(config_path(s.reference))
     base = build(config_path(s.base))
     for t, spec in s.toggles.items():
@@ -149,12 +154,13 @@ def _cells(s: Study) -> list[Cell]:
             continue
         on = _is_on(ref, spec)
         # Leave-one-out: flip the toggle in the reference (for one it lacks, "flip" means add).
-        loo = Cell(f"loo {'-' if on else '+'}{t}", "loo", s.reference,
-                   dict(spec["without" if on else "with"]), t)
-        aoi = None if _is_on(base, spec) else Cell(f"aoi +{t}", "aoi", s.base, dict(spec["with"]), t)
+        loo = Cell(f"{label(s.reference)} {'-' if on else '+'}{t}", "leave-one-out",
+                   s.reference, dict(spec["without" if on else "with"]), t)
+        aoi = None if _is_on(base, spec) else Cell(f"{label(s.base)} +{t}", "add-one-in",
+                                                   s.base, dict(spec["with"]), t)
         for cell, cfg in ((loo, ref), (aoi, base)):
-            if cell is None:
-                continue
+            if cell is None or cell.name in {c.name for c in cells}:
+                continue  # the base is the reference: adding T to it is the same cell
             if t == "residual" and not supports_residual(cfg.stage):
                 s.skipped.append((cell.name, f"stage {cfg.stage} has no pair of convs at a "
                                              f"constant channel count to put a skip around"))
@@ -257,7 +263,7 @@ def run_cell(s: Study, study_name: str, cell: Cell, seed: int, data: fer.FerData
                  tags={"study": study_name, "cell": cell.name, "cell_kind": cell.kind,
                        "toggle": cell.toggle or ""},
                  log_model=s.log_models == "all" or (s.log_models == "reference" and seed == 0
-                                                     and cell.name == f"stage {s.reference}"))
+                                                     and cell.name == label(s.reference)))
 
 
 def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
@@ -335,7 +341,7 @@ def collect(study: optuna.Study) -> tuple[dict, list[dict]]:
 def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
     """Each component's effect (with minus without) on val and test accuracy, paired by seed,
     with its t-interval and paired t-test over the seeds."""
-    ref_cell, base_cell = f"stage {s.reference}", f"stage {s.base}"
+    ref_cell, base_cell = label(s.reference), label(s.base)
     rows = []
 
     def pair(label: str, on_cell: str, off_cell: str, on_key: str = "", off_key: str = ""):
@@ -354,13 +360,13 @@ def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
         rows.append(row)
 
     for c in s.cells:
-        if c.kind == "loo":
-            if c.name.startswith("loo -"):
+        if c.kind == "leave-one-out":
+            if c.name == f"{ref_cell} -{c.toggle}":
                 pair(f"{c.toggle} (leave-one-out)", ref_cell, c.name)
             else:
                 pair(f"{c.toggle} (added to reference)", c.name, ref_cell)
-        elif c.kind == "aoi":
-            pair(f"{c.toggle} (added to {s.base})", c.name, base_cell)
+        elif c.kind == "add-one-in":
+            pair(f"{c.toggle} (added to {base_cell})", c.name, base_cell)
     if "tta" in s.toggles:
         pair(f"tta (on {s.reference})", ref_cell, ref_cell, "_tta", "")
     return rows
@@ -382,7 +388,7 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
     rows = effects(s, by_cell)
     ladder_rows, measured = [], {}
     for st in s.ladder:
-        cell = f"stage {st}"
+        cell = label(st)
         runs = [r for (c, _), r in sorted(by_cell.items()) if c == cell]
         acc = {k: stats.mean_ci([r.data.metrics.get(k, math.nan) for r in runs])
                for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "epochs_run",
@@ -458,9 +464,10 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
     return text
 
 
-CELL_GUIDE = ("`stage X` trains stage X as the study describes it; `loo -T` (leave one out) is "
-              "the reference with toggle T taken out, `loo +T` with T put in where the "
-              "reference lacks it; `aoi +T` (add one in) is the base with T added.")
+CELL_GUIDE = ("A cell named after a stage (`advanced`) trains that stage as the study describes "
+              "it; `<reference> -T` is the reference with toggle T taken out (leave one out), "
+              "`<reference> +T` with T put in where the reference lacks it; `<base> +T` is the "
+              "base with T added (add one in).")
 
 
 def study_description(name: str, s: Study) -> str:

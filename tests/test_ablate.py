@@ -26,7 +26,8 @@ TINY = {"epochs": 1, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
 
 
 def mini_study(tmp_path: Path, **toggle_overrides) -> Path:
-    """Three cells (the basic stage, BN added to it two ways) x 2 seeds: seconds per cell."""
+    """Two cells (the basic stage, and basic with BN: as the reference's +batchnorm and the
+    base's, which are the same cell) x 2 seeds: seconds per cell."""
     bn = {"with": {"batchnorm": True}, "without": {"batchnorm": False}}
     bn.update(toggle_overrides)
     d = {"reference": "basic", "base": "basic", "ladder": ["basic"], "seeds": 2,
@@ -66,14 +67,14 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     assert parent.data.tags["study"] == study_name
     assert len({frozenset(c.data.params) for c in children}) == 1  # same param keys everywhere
     names = {c.data.tags["mlflow.runName"] for c in children}
-    assert "loo -batchnorm s1" in names and "stage advanced s0" in names
+    assert "improved -batchnorm s1" in names and "advanced s0" in names
     report = (tmp_path / "ablation_report" / "report.md").read_text()
     for t in ("batchnorm", "residual", "augment", "label_smoothing", "grad_clip", "tta"):
         assert f"| {t} (" in report
     # The leave-one-out BatchNorm row, recomputed here from the child runs with scipy.
     acc = {(c.data.tags["cell"], int(c.data.tags["seed"])): c.data.metrics["test_acc"]
            for c in children}
-    diffs = [acc[("stage improved", sd)] - acc[("loo -batchnorm", sd)] for sd in range(s.seeds)]
+    diffs = [acc[("improved", sd)] - acc[("improved -batchnorm", sd)] for sd in range(s.seeds)]
     m = 100 * float(np.mean(diffs))
     half = 100 * float(scipy_stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) /
                        np.sqrt(len(diffs)))
@@ -88,8 +89,8 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     assert metrics["effect_batchnorm_leave_one_out/test_points_lo"] == pytest.approx(m - half,
                                                                                      abs=1e-9)
     # No skip fits the basic net: its cell is left out, with the reason, not trained as a no-op.
-    assert "`aoi +residual` is left out: stage basic has no pair of convs" in report
-    assert "aoi +residual s0" not in names
+    assert "`basic +residual` is left out: stage basic has no pair of convs" in report
+    assert "basic +residual s0" not in names
     assert "effects at this budget do not transfer" in report.split("## Effects")[0]
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/forest.png", "report/ladder.png"} <= arts
@@ -99,11 +100,11 @@ def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
     study = mini_study(tmp_path)
     first = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
                        "rep")
-    assert first["trained"] == 6 and first["failed"] == 0
+    assert first["trained"] == 4 and first["failed"] == 0
     again = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
                        "rep")
     assert again["trained"] == 0 and again["study"] == first["study"]
-    assert len(child_runs(first["study"])) == 6
+    assert len(child_runs(first["study"])) == 4
     assert "| batchnorm (added to reference) | 2 |" in again["report"]
 
 
@@ -119,11 +120,11 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
     exp = mlflow.get_experiment_by_name(out["study"])
     assert exp is not None and "group by the tag `cell`" in exp.tags["mlflow.note.content"]
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
-    assert len(runs) == 1 + 6  # the parent and every (cell, seed), nothing else
+    assert len(runs) == 1 + 4  # the parent and every (cell, seed), nothing else
     parent = mlflow.get_run(out["parent_run_id"])
     assert parent.info.experiment_id == exp.experiment_id
     assert parent.data.tags["mlflow.note.content"] == out["report"]
-    assert "`loo -T` (leave one out)" in out["report"]
+    assert "`<reference> -T` is the reference with toggle T taken out" in out["report"]
     # Effects are in points on val and test, with their interval bounds, as in the report.
     keys = set(parent.data.metrics)
     for part in ("val", "test"):
@@ -203,7 +204,7 @@ def test_a_rerun_under_mlflow_run_completes_the_study_and_leaves_no_empty_run(
                      "rep")
     client.set_terminated(second, "FINISHED")  # `mlflow run` ends its own run
 
-    assert out["parent_run_id"] == first and out["trained"] == 4
+    assert out["parent_run_id"] == first and out["trained"] == 2
     parent = client.get_run(first)
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(first, "report")} >= {"report/report.md"}
@@ -212,7 +213,7 @@ def test_a_rerun_under_mlflow_run_completes_the_study_and_leaves_no_empty_run(
     assert rerun.info.run_name.startswith("worker")
     top = [r for r in client.search_runs([exp]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_id for r in top] == [first]
-    assert len([r for r in child_runs(out["study"]) if r.info.status == "FINISHED"]) == 6
+    assert len([r for r in child_runs(out["study"]) if r.info.status == "FINISHED"]) == 4
 
 
 @pytest.mark.slow
@@ -223,9 +224,9 @@ def test_jobs_start_local_workers_on_one_study(kaggle_csv, tmp_path):
     assert out["helpers_exit"] == [0]  # the second worker joined and left cleanly
     runs = child_runs(out["study"])
     cells = sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in runs)
-    assert len(cells) == 6 and len(set(cells)) == 6  # every (cell, seed) trained exactly once
+    assert len(cells) == 4 and len(set(cells)) == 4  # every (cell, seed) trained exactly once
     st = optuna.load_study(study_name=out["study"], storage="sqlite:///q.db")
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 6
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 4
     assert "| batchnorm (added to reference) | 2 |" in out["report"]
 
 
@@ -233,7 +234,7 @@ def test_failing_cell_is_reported_and_the_study_goes_on(kaggle_csv, tmp_path):
     study = mini_study(tmp_path, **{"with": {"batchnorm": True, "lr": float("inf")}})
     out = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
                      "rep")
-    assert out["failed"] == 4 and out["trained"] == 2  # the +batchnorm cells diverge
+    assert out["failed"] == 2 and out["trained"] == 2  # the +batchnorm cells diverge
     assert "## Missing cells" in out["report"] and "loss became" in out["report"]
     assert "| basic | 0.57 |" in out["report"]
 
@@ -331,12 +332,12 @@ def test_two_workers_on_postgres_train_each_cell_once(kaggle_csv, tmp_path, pg_m
     assert all(p.returncode == 0 for p in procs), outs
     runs = child_runs(name)
     keys = sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in runs)
-    assert len(keys) == 6 and len(set(keys)) == 6
+    assert len(keys) == 4 and len(set(keys)) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
-    trained = [len(re.findall(r"^\[\d+/6\] ", o, re.M)) for o in outs]
-    assert sum(trained) == 6 and all(n > 0 for n in trained)  # both took part
+    trained = [len(re.findall(r"^\[\d+/4\] ", o, re.M)) for o in outs]
+    assert sum(trained) == 4 and all(n > 0 for n in trained)  # both took part
     st = optuna.load_study(study_name=name, storage=PG)
-    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 6
+    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
 
 
 @pytest.mark.postgres
@@ -354,8 +355,8 @@ def test_killed_worker_cell_goes_back_to_the_pool(kaggle_csv, tmp_path, pg_mlflo
     assert b.returncode == 0, out
     st = optuna.load_study(study_name=name, storage=PG)
     states = [t.state for t in st.get_trials()]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
     assert optuna.trial.TrialState.FAIL in states  # the killed worker's trial, then retried
     finished = [r for r in child_runs(name) if r.info.status == "FINISHED"]
     keys = [(r.data.tags["cell"], r.data.tags["seed"]) for r in finished]
-    assert len(keys) == 6 and len(set(keys)) == 6
+    assert len(keys) == 4 and len(set(keys)) == 4

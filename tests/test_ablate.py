@@ -124,6 +124,8 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
     parent = mlflow.get_run(out["parent_run_id"])
     assert parent.info.experiment_id == exp.experiment_id
     assert parent.data.tags["mlflow.note.content"] == out["report"]
+    logged = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study.yaml")
+    assert logged == study.read_text()  # the study file, as tuning logs its space
     assert "`<reference> -T` is the reference with toggle T taken out" in out["report"]
     # Effects are in points on val and test, with their interval bounds, as in the report.
     keys = set(parent.data.metrics)
@@ -243,6 +245,7 @@ def test_failing_cell_is_reported_and_the_study_goes_on(kaggle_csv, tmp_path):
     ({"toggles": {"dropout": {"with": {}, "without": {}}}}, "unknown toggle(s) ['dropout']"),
     ({"profiles": {"smoke": {"set": {"epochs": "many"}}}}, "epochs='many'"),
     ({"toggles": {"augment": {"with": {"augment": True}}}}, "needs 'with' and 'without'"),
+    ({"seed": 5}, "unknown key 'seed'. Valid keys: base, ladder, profiles, reference"),
 ])
 def test_bad_study_files_fail_before_training(tmp_path, change, needle):
     d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())

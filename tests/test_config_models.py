@@ -177,16 +177,17 @@ def test_narrow_resnet_trains_on_odd_batches_on_this_cpu():
     code = """
 import torch
 from pipeline.config import Config
-from pipeline.engine import Runtime, TrainStep, build_optimizer, train_one_epoch
+from pipeline.engine import Recipe, Runtime, TrainStep, build_optimizer, train_one_epoch
 from pipeline.models import build_model
 for n in (3, 5, 7, 21):
-    cfg = Config(stage="resnet", residual=True, width=0.125, batch_size=n, device="cpu")
+    cfg = Config(stage="resnet", residual=True, width=0.125, batch_size=n, device="cpu",
+                 augment=True)
     rt = Runtime(cfg)
     model = rt.model(build_model(cfg))
     images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8)
     step = TrainStep(model, build_optimizer(cfg, model.parameters()), rt, images,
-                     torch.arange(n) % 7, n)
-    train_one_epoch(step, torch.Generator().manual_seed(0), augment=True)
+                     torch.arange(n) % 7, Recipe.of(cfg))
+    train_one_epoch(step, torch.Generator().manual_seed(0))
 print("trained")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

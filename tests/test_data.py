@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import data as fer
-from tests.conftest import COUNTS, csv_text, make_faces, run_cli
+from tests.conftest import csv_text, make_faces, run_cli
 
 
 def test_three_layouts_give_identical_arrays(kaggle_csv, kaggle_gz, icml_csv, image_folder, faces):

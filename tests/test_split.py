@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from pipeline import data as fer
-from pipeline.split import run_split
+from pipeline.split import make_split, run_split
 from tests.conftest import COUNTS, ROOT, csv_text, make_faces, run_cli
 
 
 def test_sizes_stratification_and_holdout(kaggle_csv):
     d = fer.load(kaggle_csv)
-    s = fer.make_split(d, val_fraction=0.2, seed=0)
+    s = make_split(d, val_fraction=0.2, seed=0)
     n_train = COUNTS["Training"]
     # round(10 * 0.2) = 2 val per class, 8 train per class
     assert np.bincount(d.labels[s.val], minlength=7).tolist() == [2] * 7
@@ -33,9 +33,9 @@ def test_sizes_stratification_and_holdout(kaggle_csv):
 
 def test_deterministic_and_seed_dependent(kaggle_csv):
     d = fer.load(kaggle_csv)
-    a, b = fer.make_split(d, 0.2, 5), fer.make_split(d, 0.2, 5)
+    a, b = make_split(d, 0.2, 5), make_split(d, 0.2, 5)
     np.testing.assert_array_equal(a.val, b.val)
-    c = fer.make_split(d, 0.2, 6)
+    c = make_split(d, 0.2, 6)
     assert not np.array_equal(a.val, c.val)
     # A literal: numpy's PCG64 stream is the same on every machine, so a split that changes
     # (another shuffle, another stratification order) breaks every earlier study's pairing.
@@ -45,7 +45,7 @@ def test_deterministic_and_seed_dependent(kaggle_csv):
 def test_file_without_public_test_still_splits(tmp_path):
     p = tmp_path / "train_only.csv"
     p.write_text(csv_text(*make_faces({"Training": 5})))
-    s = fer.make_split(fer.load(p))
+    s = make_split(fer.load(p))
     assert len(s.test) == 0 and len(s.holdout) == 0 and len(s.val) == 7
 
 
@@ -56,7 +56,7 @@ def test_unknown_usage_is_refused_for_split(tmp_path):
     p = tmp_path / "odd.csv"
     p.write_text(csv_text(images, labels, usage))
     with pytest.raises(fer.DataError, match="line 6: unknown Usage 'Validation'"):
-        fer.make_split(fer.load(p))
+        make_split(fer.load(p))
 
 
 def test_split_run_contents(kaggle_gz):
@@ -79,7 +79,7 @@ def test_split_run_contents(kaggle_gz):
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                 artifact_path="split/split_indices.npz")
     with np.load(local) as z:
-        s = fer.make_split(fer.load(kaggle_gz), 0.2, 3)
+        s = make_split(fer.load(kaggle_gz), 0.2, 3)
         np.testing.assert_array_equal(z["val"], s.val)
 
 
@@ -110,7 +110,7 @@ def test_mlflow_run_split_entry_point(kaggle_csv, tmp_path):
 @pytest.mark.realdata
 def test_split_real_dev_file(dev_data):
     d = fer.load(dev_data)
-    s = fer.make_split(d)
+    s = make_split(d)
     per_class = np.bincount(d.labels[d.rows("Training")], minlength=7)
     expected_val = [int(round(n * 0.2)) for n in per_class]
     assert np.bincount(d.labels[s.val], minlength=7).tolist() == expected_val

@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
     cfg = stage_cfg("advanced", epochs=3)  # plateau scheduler, augmentation, dropout
     whole = train(cfg, data, log_model=False)
     part = train(cfg, data, log_model=False, max_epochs=1)
-    assert part.get("interrupted") and part["epochs_run"] == 1
+    assert part["state"] == "interrupted" and part["epochs_run"] == 1
     # Stopped early: KILLED, never FINISHED, so no worker or report takes it for done.
     assert mlflow.get_run(part["run_id"]).info.status == "KILLED"
     resumed = train(cfg, data, log_model=False, resume_run_id=part["run_id"])

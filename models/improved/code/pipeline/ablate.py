@@ -24,20 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import optuna
 import torch
-import yaml
 from optuna.trial import TrialState
 
 from . import data as fer
 from . import plots, stats, tracking
-from .cli import EXPECTED, UsageError, parser, run_main
-from .config import TOGGLES, ConfigError, Config, build, coerce, config_path
+from .cli import parser, run_main
+from .config import TOGGLES, Config, build, coerce, config_path, load_yaml
+from .errors import ConfigError, UsageError
 from .models import supports_residual
 from .train import train
-from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
-                      open_storage)
+from .workers import (attach_entry_run, check_parent_here, claim, create_or_join, find_run,
+                      finish_parent, open_storage, run_unit, storage_of, trial_id)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "full")
@@ -49,15 +48,18 @@ DEFAULT_STORAGE = "sqlite:///ablate.db"
 
 @dataclass(frozen=True)
 class Cell:
-    name: str  # e.g. "loo -batchnorm", "stage advanced", "aoi +augment"
-    kind: str  # stage | loo | aoi
+    name: str  # e.g. "advanced", "improved -batchnorm", "basic +augment"
+    kind: str  # stage | leave-one-out | add-one-in
     stage: str
     overrides: dict[str, Any]
     toggle: str | None = None
 
 
 @dataclass
-class Study:
+class StudyPlan:
+    """The study file, read and checked: its cells, seeds and budget. (The Optuna study of the
+    same name is its work queue.)"""
+
     path: Path
     reference: str  # a stage name or a config YAML (e.g. the tuner's best_config.yaml)
     base: str
@@ -79,6 +81,9 @@ class Study:
         return ", ".join(f"{k}={v}" for k, v in self.budget.items()) or "none (the study's own settings)"
 
 
+STUDY_KEYS = ("reference", "base", "ladder", "seeds", "reported", "toggles", "profiles")
+
+
 def _need(d: dict, key: str, kind: type, where: str) -> Any:
     if key not in d:
         raise UsageError(f"{where}: missing key {key!r}.")
@@ -88,17 +93,10 @@ def _need(d: dict, key: str, kind: type, where: str) -> Any:
 
 
 def load_study(path: str | Path, profile: str, seeds: int | None = None,
-               budget: dict[str, Any] | None = None) -> Study:
+               budget: dict[str, Any] | None = None) -> StudyPlan:
     """Read and check the study file; every cell's config is built here, before any training."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such study file.")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"{p}: not valid YAML ({e}).") from None
-    if not isinstance(d, dict):
-        raise UsageError(f"{p}: expected a mapping with reference, toggles, profiles, ...")
+    d = load_yaml(p, "study", UsageError, STUDY_KEYS)
     profiles = _need(d, "profiles", dict, str(p))
     if profile not in profiles:
         raise UsageError(f"{p}: unknown profile {profile!r}; this study has "
@@ -114,7 +112,7 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
             raise UsageError(f"{p}: toggle {t!r} needs 'with' and 'without' config keys "
                              f"(or eval_only: true).")
     reported = d.get("reported") or {}
-    s = Study(path=p, reference=_need(d, "reference", str, str(p)),
+    s = StudyPlan(path=p, reference=_need(d, "reference", str, str(p)),
               base=_need(d, "base", str, str(p)), ladder=list(_need(d, "ladder", list, str(p))),
               seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
               reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
@@ -137,11 +135,16 @@ def _is_on(cfg: Config, spec: dict) -> bool:
     return all(getattr(cfg, k) == v for k, v in spec["with"].items())
 
 
-def _cells(s: Study) -> list[Cell]:
+def label(stage_or_yaml: str) -> str:
+    """A cell's name for a stage (``improved``) or a config YAML (``best_config``)."""
+    return Path(stage_or_yaml).stem if stage_or_yaml.endswith((".yaml", ".yml")) else stage_or_yaml
+
+
+def _cells(s: StudyPlan) -> list[Cell]:
     # The reference and base need their own cells when they are not on the ladder (a tuned
     # config YAML as the reference, say).
     names = list(dict.fromkeys([*s.ladder, s.reference, s.base]))
-    cells = [Cell(f"stage {st}", "stage", st, {}) for st in names]
+    cells = [Cell(label(st), "stage", st, {}) for st in names]
     ref = build(config_path(s.reference))
     base = build(config_path(s.base))
     for t, spec in s.toggles.items():
@@ -149,12 +152,13 @@ def _cells(s: Study) -> list[Cell]:
             continue
         on = _is_on(ref, spec)
         # Leave-one-out: flip the toggle in the reference (for one it lacks, "flip" means add).
-        loo = Cell(f"loo {'-' if on else '+'}{t}", "loo", s.reference,
-                   dict(spec["without" if on else "with"]), t)
-        aoi = None if _is_on(base, spec) else Cell(f"aoi +{t}", "aoi", s.base, dict(spec["with"]), t)
+        loo = Cell(f"{label(s.reference)} {'-' if on else '+'}{t}", "leave-one-out",
+                   s.reference, dict(spec["without" if on else "with"]), t)
+        aoi = None if _is_on(base, spec) else Cell(f"{label(s.base)} +{t}", "add-one-in",
+                                                   s.base, dict(spec["with"]), t)
         for cell, cfg in ((loo, ref), (aoi, base)):
-            if cell is None:
-                continue
+            if cell is None or cell.name in {c.name for c in cells}:
+                continue  # the base is the reference: adding T to it is the same cell
             if t == "residual" and not supports_residual(cfg.stage):
                 s.skipped.append((cell.name, f"stage {cfg.stage} has no pair of convs at a "
                                              f"constant channel count to put a skip around"))
@@ -166,34 +170,18 @@ def _cells(s: Study) -> list[Cell]:
 # --------------------------------------------------------------------------- the work queue
 
 
-def fingerprint(s: Study) -> str:
+def fingerprint(s: StudyPlan) -> str:
     spec = [(c.name, c.stage, sorted(c.overrides.items())) for c in s.cells]
     return hashlib.sha1(json.dumps([spec, s.seeds, sorted(s.budget.items())],
                                    default=str).encode()).hexdigest()[:12]
 
 
-def open_study(storage, name: str, s: Study, digest: str, entry_run_id: str | None,
+def open_study(storage, name: str, s: StudyPlan, digest: str, entry_run_id: str | None,
                wait_s: float = 120) -> tuple[optuna.Study, bool]:
     """Create the study and its queue (first worker) or join it (every other worker)."""
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-        created = False
-    if created:
-        try:
-            _set_up_queue(study, name, s, digest, entry_run_id)
-        except BaseException:
-            # Leave nothing half-made: a study without its full queue must not look valid.
-            optuna.delete_study(study_name=name, storage=storage)
-            raise
-    deadline = time.time() + wait_s
-    while not study.user_attrs.get("ready"):
-        if time.time() > deadline:
-            raise UsageError(f"study {name!r} exists but its queue was never completed (its "
-                             f"creator died while enqueuing); delete it or use --study-name.")
-        time.sleep(1)
+    study, created = create_or_join(
+        storage, name, lambda st: _set_up_queue(st, name, s, digest, entry_run_id), "ready",
+        wait_s)
     attrs = study.user_attrs
     if attrs["fingerprint"] != fingerprint(s) or attrs["data_digest"] != digest:
         raise UsageError(f"study {name!r} already exists with other cells, seeds, budget or data; "
@@ -201,7 +189,7 @@ def open_study(storage, name: str, s: Study, digest: str, entry_run_id: str | No
     return study, created
 
 
-def _set_up_queue(study: optuna.Study, name: str, s: Study, digest: str,
+def _set_up_queue(study: optuna.Study, name: str, s: StudyPlan, digest: str,
                   entry_run_id: str | None) -> None:
     """The creating worker: the parent run, then one waiting trial per (cell, seed)."""
     client = mlflow.MlflowClient()
@@ -216,6 +204,7 @@ def _set_up_queue(study: optuna.Study, name: str, s: Study, digest: str,
                  "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
                  "data_digest": digest}.items():
         client.log_param(parent, k, v)
+    client.log_text(parent, s.path.read_text(), "study.yaml")
     for c in s.cells:
         for seed in range(s.seeds):
             study.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
@@ -225,47 +214,27 @@ def _set_up_queue(study: optuna.Study, name: str, s: Study, digest: str,
     study.set_user_attr("ready", True)  # last: joiners wait for a complete queue
 
 
-def claim(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """Take one waiting trial; the storage locks the row, so two workers never take the same."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-            # Beat at once: a RUNNING trial that never beat is never found stale, so a worker
-            # killed right after claiming would hold its cell forever.
-            study._storage.record_heartbeat(t._trial_id)
-            return t
-    return None
-
-
-def find_run(study_name: str, cell: str, seed: int, status: str | None = None):
-    filt = (f"tags.study = '{study_name}' and tags.cell = '{cell}' and tags.seed = '{seed}'")
-    if status:
-        filt += f" and attributes.status = '{status}'"
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=filt,
-                              output_format="list", max_results=5)
-    return runs[0] if runs else None
-
-
-def run_cell(s: Study, study_name: str, cell: Cell, seed: int, data: fer.FerData,
+def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.FerData,
              parent: str) -> dict[str, Any]:
-    done = find_run(study_name, cell.name, seed, "FINISHED")
+    done = find_run(study_name, "FINISHED", cell=cell.name, seed=seed)
     if done is not None:  # a worker that died after MLflow finished, before the queue heard
         return {"run_id": done.info.run_id, "val_acc": done.data.metrics.get("val_acc")}
-    earlier = find_run(study_name, cell.name, seed)
+    earlier = find_run(study_name, cell=cell.name, seed=seed)
     cfg = s.config(cell, seed)
     return train(cfg, data, run_name=f"{cell.name} s{seed}", parent_run_id=parent,
                  resume_run_id=earlier.info.run_id if earlier else None,
                  tags={"study": study_name, "cell": cell.name, "cell_kind": cell.kind,
                        "toggle": cell.toggle or ""},
                  log_model=s.log_models == "all" or (s.log_models == "reference" and seed == 0
-                                                     and cell.name == f"stage {s.reference}"))
+                                                     and cell.name == label(s.reference)))
 
 
-def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
+def work(study: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
          poll: float = 5.0) -> dict[str, int]:
     """Train waiting cells until none is left, and none is running anywhere."""
     by_name = {c.name: c for c in s.cells}
     parent = study.user_attrs["parent_run_id"]
-    storage = study._storage
+    storage = storage_of(study)
     counts = {"trained": 0, "failed": 0}
     total = len(s.cells) * s.seeds
     while True:
@@ -281,26 +250,15 @@ def work(study: optuna.Study, s: Study, data: fer.FerData, heartbeat: int,
         cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         print(f"[{finished + 1}/{total}] {cell.name} seed {seed}", flush=True)
-        try:
-            with Heartbeat(storage, t._trial_id, heartbeat):
-                out = run_cell(s, study.study_name, cell, seed, data, parent)
-            storage.set_trial_user_attr(t._trial_id, "run_id", out["run_id"])
-            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE,
-                                           [float(out.get("val_acc") or 0.0)])
-            counts["trained"] += 1
-        except (KeyboardInterrupt, tracking.TrackingLost):
-            # Stopped, or the tracking store is gone: the cell goes straight back to the queue
-            # (not after the heartbeat goes stale) for this or another worker to resume.
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(t._trial_id))
-            raise
-        except (*EXPECTED, RuntimeError, MemoryError, ValueError) as e:
-            # A failed cell (NaN, out of memory) is recorded with its reason; the study goes on.
-            reason = f"{type(e).__name__}: {e}"[:1000]
-            print(f"cell {cell.name} seed {seed} failed: {reason}", flush=True)
-            storage.set_trial_user_attr(t._trial_id, "error", reason)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            counts["failed"] += 1
+
+        def train_cell() -> float:
+            out = run_cell(s, study.study_name, cell, seed, data, parent)
+            storage.set_trial_user_attr(trial_id(t), "run_id", out["run_id"])
+            return float(out.get("val_acc") or 0.0)
+
+        state, _ = run_unit(study, trial_id(t), heartbeat, train_cell,
+                            f"cell {cell.name} seed {seed}")
+        counts["trained" if state == "complete" else "failed"] += 1
 
 
 # --------------------------------------------------------------------------- the report
@@ -332,10 +290,10 @@ def collect(study: optuna.Study) -> tuple[dict, list[dict]]:
     return by_cell, failed
 
 
-def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
+def effects(s: StudyPlan, by_cell: dict) -> list[dict[str, Any]]:
     """Each component's effect (with minus without) on val and test accuracy, paired by seed,
     with its t-interval and paired t-test over the seeds."""
-    ref_cell, base_cell = f"stage {s.reference}", f"stage {s.base}"
+    ref_cell, base_cell = label(s.reference), label(s.base)
     rows = []
 
     def pair(label: str, on_cell: str, off_cell: str, on_key: str = "", off_key: str = ""):
@@ -354,13 +312,13 @@ def effects(s: Study, by_cell: dict) -> list[dict[str, Any]]:
         rows.append(row)
 
     for c in s.cells:
-        if c.kind == "loo":
-            if c.name.startswith("loo -"):
+        if c.kind == "leave-one-out":
+            if c.name == f"{ref_cell} -{c.toggle}":
                 pair(f"{c.toggle} (leave-one-out)", ref_cell, c.name)
             else:
                 pair(f"{c.toggle} (added to reference)", c.name, ref_cell)
-        elif c.kind == "aoi":
-            pair(f"{c.toggle} (added to {s.base})", c.name, base_cell)
+        elif c.kind == "add-one-in":
+            pair(f"{c.toggle} (added to {base_cell})", c.name, base_cell)
     if "tta" in s.toggles:
         pair(f"tta (on {s.reference})", ref_cell, ref_cell, "_tta", "")
     return rows
@@ -377,12 +335,12 @@ QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not tr
                  "report; the project ships one in `docs/ablation-full/report.md`.")
 
 
-def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -> str:
+def report(study: optuna.Study, s: StudyPlan, out_dir: Path, wall_s: float | None) -> str:
     by_cell, failed = collect(study)
     rows = effects(s, by_cell)
     ladder_rows, measured = [], {}
     for st in s.ladder:
-        cell = f"stage {st}"
+        cell = label(st)
         runs = [r for (c, _), r in sorted(by_cell.items()) if c == cell]
         acc = {k: stats.mean_ci([r.data.metrics.get(k, math.nan) for r in runs])
                for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "epochs_run",
@@ -415,9 +373,8 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
         lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['val_mean'], r['val_lo'], r['val_hi'])}"
                      f" | {_p(r['val_p'])} | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} "
                      f"| {_p(r['test_p'])} |")
-    lines += ["", "Cells: `stage X` trains a stage as the study describes it; `loo -T` is the "
-              f"reference ({s.reference}) with toggle T left out (`loo +T`: added, where the "
-              f"reference lacks it); `aoi +T` is the base ({s.base}) with T added in.", ""]
+    lines += ["", f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child "
+              "run is named `<cell> s<seed>`.", ""]
     for name, why in s.skipped:
         lines.append(f"- `{name}` is left out: {why}.")
     lines += ["", "## Stage ladder", "",
@@ -447,6 +404,7 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
             fig.savefig(out_dir / name, dpi=110)
             client.log_artifact(parent, str(out_dir / name), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
+    client.set_tag(parent, "mlflow.note.content", text)  # the report on the run's overview page
     for r in rows:
         key = "effect_" + re.sub(r"[^a-z0-9]+", "_", r["label"].lower()).strip("_")
         for part in ("val", "test"):
@@ -458,13 +416,28 @@ def report(study: optuna.Study, s: Study, out_dir: Path, wall_s: float | None) -
     return text
 
 
+CELL_GUIDE = ("A cell named after a stage (`advanced`) trains that stage as the study describes "
+              "it; `<reference> -T` is the reference with toggle T taken out (leave one out), "
+              "`<reference> +T` with T put in where the reference lacks it; `<base> +T` is the "
+              "base with T added (add one in).")
+
+
+def study_description(name: str, s: StudyPlan) -> str:
+    return (f"Ablation study `{name}` ({s.profile} profile, {s.seeds} seed(s) per cell, "
+            f"{len(s.cells)} cells). The parent run `ablation {s.profile}` holds the report on "
+            f"its overview page; each child run is one cell and seed, named `<cell> s<seed>`. "
+            f"{CELL_GUIDE} To compare cells: in the runs table, group by the tag `cell` and "
+            f"show `val_acc`, `test_acc` and `test_acc_tta`.")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
                budget: dict[str, Any], storage_url: str, study_name: str | None,
                report_dir: str, heartbeat: int = 20, jobs: int = 1,
-               log_models: str | None = None, write_report: bool = True) -> dict[str, Any]:
+               log_models: str | None = None, write_report: bool = True,
+               register: str | None = None, alias: str = "best") -> dict[str, Any]:
     t0 = time.time()
     s = load_study(study_path, profile, seeds, budget)  # errors before anything else
     if log_models is not None:
@@ -477,6 +450,7 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     # starts a new study instead of clashing with the old one; an unchanged one resumes.
     name = study_name or (f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-6:]}-"
                           f"{fingerprint(s)[:6]}")
+    tracking.use_study_experiment(name, study_description(name, s))
     # Under `mlflow run` the entry's run becomes the parent (when this worker creates the
     # study); child runs must not resume it through the environment.
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -505,7 +479,20 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
             counts[k] += v
     text = report(study, s, Path(report_dir), time.time() - t0)
     finish_parent(parent, entry_run)
-    return {"study": name, "parent_run_id": parent, "report": text, **counts}
+    out = {"study": name, "parent_run_id": parent, "report": text, **counts}
+    if register:
+        out["registered"] = _register(f"tags.study = '{name}'", register, alias)
+    return out
+
+
+def _register(filter_string: str, name: str, alias: str) -> dict[str, Any]:
+    reg = tracking.register_best(filter_string, name, alias)
+    if reg is None:
+        raise UsageError(f"nothing to register as {name!r}: no finished run logged a model "
+                         f"(pass --log-models all or reference).")
+    print(f"registered {reg['uri']} (version {reg['version']}): run {reg['run_id']}, val acc "
+          f"{reg['val_acc']:.4f}", flush=True)
+    return reg
 
 
 def worker_threads(jobs: int) -> int:
@@ -514,7 +501,7 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
-def _start_worker(data_path: str, study_path: str, s: Study, budget: dict[str, Any],
+def _start_worker(data_path: str, study_path: str, s: StudyPlan, budget: dict[str, Any],
                   storage_url: str, name: str, heartbeat: int, jobs: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "pipeline.ablate", "--data", data_path, "--study", study_path,
             "--profile", s.profile, "--seeds", str(s.seeds), "--storage", storage_url,
@@ -565,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="build the report when the queue is empty (extra workers leave it to "
                         "the one that started them)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register the study's best model (by val accuracy) in the Model "
+                        "Registry as NAME, with the alias --alias")
+    p.add_argument("--alias", default="best", help="alias of the registered version")
     a = p.parse_args(argv)
     if a.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
@@ -574,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking.setup(a.experiment)
     out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
                      a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat, a.jobs, a.log_models or None, a.report)
+                     a.heartbeat, a.jobs, a.log_models or None, a.report, a.register or None,
+                     a.alias)
     print(out["report"])
     return 0
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import data as fer
 from .cli import parser, run_main
 from .config import STAGE_DIR, STAGES, build
-from .engine import (Runtime, TrainStep, build_optimizer, predict, seed_everything,
+from .engine import (Recipe, Runtime, TrainStep, build_optimizer, predict, seed_everything,
                      train_one_epoch)
 from .models import build_model
 
@@ -43,11 +43,11 @@ def bench_stage(stage: str, images: np.ndarray, labels: np.ndarray, overrides: d
     x = torch.from_numpy(images).unsqueeze(1).to(rt.device)
     y = torch.from_numpy(labels).to(rt.device)
     gen = torch.Generator().manual_seed(0)
-    step = TrainStep(model, opt, rt, x, y, cfg.batch_size)
-    train_one_epoch(step, gen, cfg.augment)  # warm-up: allocator, kernels, graph capture
+    step = TrainStep(model, opt, rt, x, y, Recipe.of(cfg))
+    train_one_epoch(step, gen)  # warm-up: allocator, kernels, graph capture
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        train_one_epoch(step, gen, cfg.augment)
+        train_one_epoch(step, gen)
         done += len(y) - (len(y) % cfg.batch_size if step.graphed else 0)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
@@ -87,7 +87,7 @@ def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
                                          num_workers=2, persistent_workers=True)
     seed_everything(0)
     model = build_model(cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = build_optimizer(cfg, model.parameters())
     done, t0, warm = 0, 0.0, 2
     while True:
         for x, y in loader:

@@ -10,17 +10,8 @@ import sys
 import warnings
 from typing import Callable
 
-from .config import ConfigError
-from .data import DataError
+from .errors import ConfigError, DataError, TrainingError, UsageError
 from .tracking import bound_retries
-
-
-class UsageError(ValueError):
-    """Bad arguments or a bad study/search file, phrased for the person who typed them."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, for example)."""
 
 
 EXPECTED = (DataError, ConfigError, UsageError, TrainingError, ConnectionError, FileNotFoundError)

@@ -13,16 +13,14 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 STAGES = ("basic", "batchnorm", "resnet", "advanced", "improved")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "step", "none")
 OPTIMIZERS = ("adam", "sgd")
 NORMALIZE = ("unit", "symmetric")  # pixels in [0,1] or [-1,1]
 PRECISIONS = ("auto", "bf16", "fp32")
 TOGGLES = ("batchnorm", "residual", "augment", "label_smoothing", "grad_clip", "tta")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with the valid keys or values in the message."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "Config":
-        return from_dict({**self.to_dict(), **changes}, source="override")
-
 
 _CHOICES = {"stage": STAGES, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
             "normalize": NORMALIZE, "precision": PRECISIONS}
@@ -145,16 +140,22 @@ def from_dict(d: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "config", error: type[Exception] = ConfigError,
+              keys: typing.Collection[str] | None = None) -> dict[str, Any]:
+    """The one way a YAML file of the project is read: a mapping, with its keys among ``keys``
+    when given; anything else is ``error`` naming the file and what was expected."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such config file.")
+        raise error(f"{p}: no such {what} file.")
     try:
         d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e}).") from None
+        raise error(f"{p}: not valid YAML ({e}).") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(d).__name__}.")
+        raise error(f"{p}: expected a mapping of {what} keys, got {type(d).__name__}.")
+    unknown = sorted(set(d) - set(keys)) if keys is not None else []
+    if unknown:
+        raise error(f"{p}: unknown key {unknown[0]!r}. Valid keys: {', '.join(sorted(keys))}.")
     return d
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 try:  # ISA-L's gzip decompresses about twice as fast as zlib; plain gzip otherwise
     from isal import igzip as _gzip
     from isal.isal_zlib import error as _inflate_error
@@ -40,10 +42,6 @@ CACHE_VERSION = "2"
 _FOLDER_USAGE = {"train": "Training", "training": "Training", "test": "PublicTest",
                  "publictest": "PublicTest", "val": "PublicTest", "validation": "PublicTest",
                  "privatetest": "PrivateTest"}
-
-
-class DataError(ValueError):
-    """A data source that cannot be used, with a message a person can act on."""
 
 
 @dataclass(frozen=True)
@@ -331,19 +329,6 @@ def _load_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- split
 
 
-@dataclass(frozen=True)
-class Split:
-    """Row indices into a :class:`FerData` for each part of the study's protocol."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    holdout: np.ndarray  # PrivateTest rows: never used for training, selection or tuning
-
-    def parts(self) -> dict[str, np.ndarray]:
-        return {"train": self.train, "val": self.val, "test": self.test, "holdout": self.holdout}
-
-
 def check_usage(data: FerData) -> None:
     """Splitting needs the three official usages; a file with others is for evaluation only."""
     unknown = np.flatnonzero(~np.isin(data.usage, USAGES))
@@ -356,40 +341,3 @@ def check_usage(data: FerData) -> None:
     if not (data.usage == "Training").any():
         raise DataError(f"{data.source}: no Training rows; a split needs Training rows to train "
                         f"and validate on.")
-
-
-def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions 0..len(labels)-1 into (rest, picked) with ``round(n_c * fraction)`` of
-    each class picked. Uses numpy's PCG64, whose stream is the same on every platform."""
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in range(len(EMOTIONS)):
-        idx = np.flatnonzero(labels == c)
-        k = int(round(len(idx) * fraction))
-        picked.append(rng.permutation(idx)[:k])
-    chosen = np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
-    rest = np.setdiff1d(np.arange(len(labels)), chosen)
-    return rest, chosen
-
-
-def make_split(data: FerData, val_fraction: float = 0.2, seed: int = 0) -> Split:
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val fraction {val_fraction} is out of range; expected a share in (0, 1).")
-    check_usage(data)
-    training = data.rows("Training")
-    rest, val = stratified_indices(data.labels[training], val_fraction, seed)
-    return Split(train=training[rest], val=training[val], test=data.rows("PublicTest"),
-                 holdout=data.rows("PrivateTest"))
-
-
-def subsample(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified share of ``rows`` (for quick runs on part of the train split)."""
-    if fraction >= 1.0:
-        return rows
-    _, picked = stratified_indices(labels[rows], fraction, seed)
-    return rows[picked]
-
-
-def class_counts(labels: np.ndarray) -> dict[str, int]:
-    counts = np.bincount(labels, minlength=len(EMOTIONS))
-    return {e: int(n) for e, n in zip(EMOTIONS, counts)}

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from .augment import N_DRAWS, augment_batch, normalize, tta_thetas
 from .models import view_probs
-from .cli import TrainingError
-from .config import OPTIMIZERS, SCHEDULERS, Config, ConfigError
+from .config import OPTIMIZERS, SCHEDULERS, Config
+from .errors import ConfigError, TrainingError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -190,6 +190,23 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a training step does besides the forward pass, read from the config once, so
+    the loop's signature shows what it depends on."""
+
+    batch_size: int
+    augment: Config | None  # the augmentation's parameters; None: no augmentation
+    normalize: str
+    label_smoothing: float
+    grad_clip: float
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Recipe":
+        return cls(cfg.batch_size, cfg if cfg.augment else None, cfg.normalize,
+                   cfg.label_smoothing, cfg.grad_clip)
+
+
 class TrainStep:
     """One optimisation step on a batch given by indices into the run's uint8 images: gather,
     augment, normalise, forward, loss, backward, clip, update, and running sums of loss and
@@ -205,10 +222,10 @@ class TrainStep:
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
-                 images: torch.Tensor, labels: torch.Tensor, batch_size: int):
-        self.model, self.opt, self.rt = model, opt, rt
+                 images: torch.Tensor, labels: torch.Tensor, recipe: Recipe):
+        self.model, self.opt, self.rt, self.recipe = model, opt, rt, recipe
         self.images, self.labels = images, labels  # on the device, for the whole run
-        self.batch_size = batch_size
+        self.batch_size = batch_size = recipe.batch_size
         dev = rt.device
         self.loss_sum = torch.zeros((), device=dev)
         self.correct = torch.zeros((), device=dev, dtype=torch.long)
@@ -228,18 +245,18 @@ class TrainStep:
         self.finite.fill_(True)
 
     def _body(self, idx: torch.Tensor, u: torch.Tensor | None, cache: bool = True) -> None:
-        cfg = self.rt.cfg
+        r = self.recipe
         x = self.rt.to_input(self.images[idx])
         y = self.labels[idx]
-        if cfg.augment:
-            x = augment_batch(x, cfg, u)
-        x = normalize(x, cfg.normalize)
+        if r.augment is not None:
+            x = augment_batch(x, r.augment, u)
+        x = normalize(x, r.normalize)
         with self.rt.autocast(cache):
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
         loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if r.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
         self.opt.step()
         loss = loss.detach()
         self.last_loss.copy_(loss)
@@ -276,10 +293,11 @@ class TrainStep:
             self.graph.replay()
 
 
-def train_one_epoch(step: TrainStep, gen: torch.Generator, augment: bool,
-                    batch_scheduler=None, desc: str = "train") -> dict[str, float]:
-    """One pass over ``step``'s images in an order (and augmentation draws) from ``gen``."""
-    rt, bs = step.rt, step.batch_size
+def train_one_epoch(step: TrainStep, gen: torch.Generator, batch_scheduler=None,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over ``step``'s images in an order (and augmentation draws) from ``gen``; what
+    each step does is ``step.recipe``."""
+    rt, bs, augment = step.rt, step.batch_size, step.recipe.augment is not None
     step.model.train()
     n = len(step.labels)
     # The epoch's randomness is drawn at once on the CPU from the seeded generator (so runs
@@ -349,7 +367,7 @@ def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     return {"loss": loss, "acc": (probs.argmax(1) == y).float().mean().item(), "probs": probs}
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
              tta: bool = False) -> dict[str, Any]:
     """Loss, accuracy and probabilities on one split; with ``tta`` also ``tta`` (the same dict
     for the TTA-averaged predictions) and the images/s of the whole pass."""

@@ -14,7 +14,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import data as fer
 from . import plots, serving, tracking
-from .cli import UsageError, parser, run_main
+from .cli import parser, run_main
+from .errors import UsageError
 
 
 def load_model(model_uri: str) -> serving.ServedModel:

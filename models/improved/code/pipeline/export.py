@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from . import serving, tracking
-from .cli import UsageError, parser, run_main
+from .cli import parser, run_main
+from .errors import UsageError
 from .config import build, from_dict
 from .evaluate import load_model
 
@@ -61,7 +62,8 @@ def export(model_uri: str, out: str | Path, force: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("Export a logged model to an MLflow model folder.")
-    p.add_argument("--model-uri", required=True, help="e.g. models:/m-..., runs:/RUN_ID/STAGE or a folder")
+    p.add_argument("--model-uri", required=True,
+                   help="e.g. models:/m-..., runs:/RUN_ID/STAGE or a folder")
     p.add_argument("--out", required=True, help="folder to write, e.g. models/improved")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--config", default=None,

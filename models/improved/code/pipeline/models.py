@@ -15,7 +15,8 @@ from torch import nn
 
 from .augment import normalize as norm
 from .augment import warp
-from .config import STAGES, Config, ConfigError
+from .config import STAGES, Config
+from .errors import ConfigError
 
 N_CLASSES = 7
 

@@ -25,7 +25,7 @@ def setup(experiment: str | None) -> None:
     Under ``mlflow run`` the run and its experiment are already chosen; choosing another one
     would fail, so the name is then ignored.
     """
-    global _EXPERIMENT_NAME
+    global _EXPERIMENT_NAME, _CHOSEN
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     with first_use_lock(mlflow.get_tracking_uri()):
@@ -33,15 +33,38 @@ def setup(experiment: str | None) -> None:
         # together on a fresh SQLite file would both migrate it and one would fail.
         check_reachable()
         if os.environ.get("MLFLOW_RUN_ID"):
-            pass  # under `mlflow run`: its run's experiment
+            _CHOSEN = "mlflow run"  # its run's experiment
         elif experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            # MLFLOW_EXPERIMENT_ID alone: a parent process (a study's local worker) chose it.
+            _CHOSEN = "user" if experiment else "default"
             _EXPERIMENT_NAME = experiment or DEFAULT_EXPERIMENT
             mlflow.set_experiment(_EXPERIMENT_NAME)
+        else:
+            _CHOSEN = "environment"  # a parent process (a study's local worker) chose it
     fail_dead_runs()
 
 
 _EXPERIMENT_NAME = DEFAULT_EXPERIMENT
+_CHOSEN = "default"  # who chose the experiment: default | user | mlflow run | environment
+
+
+def use_study_experiment(name: str, description: str) -> str:
+    """A study or search gets an experiment of its own, named after it, with a description;
+    unless `mlflow run`, ``--experiment`` or a parent process already chose one."""
+    global _EXPERIMENT_NAME
+    client = mlflow.MlflowClient()
+    if _CHOSEN == "default":
+        _EXPERIMENT_NAME = name
+        with first_use_lock(mlflow.get_tracking_uri()):
+            exp = mlflow.set_experiment(name)
+    elif _CHOSEN == "mlflow run":  # `mlflow run --experiment-name X`: describe X if bare
+        exp = client.get_experiment(experiment_id())
+        if exp.name == "Default":
+            return exp.experiment_id
+    else:
+        return experiment_id()
+    if not exp.tags.get("mlflow.note.content"):
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", description)
+    return exp.experiment_id
 
 
 def experiment_id() -> str:
@@ -299,3 +322,23 @@ def log_npz(arrays: dict[str, np.ndarray], artifact_file: str) -> None:
         np.savez_compressed(path, **arrays)
         parent = str(Path(artifact_file).parent)
         mlflow.log_artifact(str(path), None if parent == "." else parent)
+
+
+def register_best(filter_string: str, name: str, alias: str) -> dict[str, Any] | None:
+    """Register the model of the finished run with the best val accuracy among those matching
+    ``filter_string`` (selected on val, never on test) as a new version of ``name``, and point
+    ``alias`` at it. None when no such run logged a model."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"{filter_string} and attributes.status = "
+                                            f"'FINISHED' and tags.model_uri != ''")
+    runs = [r for r in runs if "val_acc" in r.data.metrics]
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: r.data.metrics["val_acc"])
+    version = mlflow.register_model(best.data.tags["model_uri"], name)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "selected_by", "best val_acc")
+    return {"name": name, "version": version.version, "alias": alias,
+            "run_id": best.info.run_id, "val_acc": best.data.metrics["val_acc"],
+            "uri": f"models:/{name}@{alias}"}

@@ -20,17 +20,17 @@ from typing import Any
 import mlflow
 import optuna
 import torch
-import yaml
 from optuna.trial import TrialState
 
 from . import data as fer
 from . import stats, tracking
-from .cli import EXPECTED, UsageError, parser, run_main
-from .config import SCHEDULERS, ConfigError, Config, build, coerce, config_path, to_yaml
+from .cli import parser, run_main
+from .config import SCHEDULERS, Config, build, coerce, config_path, load_yaml, to_yaml
+from .errors import ConfigError, UsageError
 from .engine import StopRun
 from .train import train
-from .workers import (Heartbeat, attach_entry_run, check_parent_here, finish_parent,
-                      open_storage)
+from .workers import (attach_entry_run, check_parent_here, create_or_join, find_run,
+                      finish_parent, open_storage, run_unit, storage_of, trial_id)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///tune.db"
@@ -46,12 +46,8 @@ class Space:
 
     def __init__(self, path: str | Path, profile: str):
         p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"{p}: no such search-space file.")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"{p}: not valid YAML ({e}).") from None
+        d = load_yaml(p, "search-space", UsageError,
+                      ("base", "profiles", "sampler", "pruner", "space"))
         self.path = p
         self.base_path = config_path(str(d.get("base", "improved")))
         profiles = d.get("profiles") or {}
@@ -165,24 +161,9 @@ def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def open_tune_study(storage, name: str, space: Space, wait_s: float = 120) -> optuna.Study:
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                    sampler=space.sampler(), pruner=space.pruner())
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=space.sampler(),
-                                  pruner=space.pruner())
-    else:
-        try:
-            _set_up_parent(study, name, space)
-        except BaseException:
-            optuna.delete_study(study_name=name, storage=storage)  # nothing half-made
-            raise
-    deadline = time.time() + wait_s
-    while "parent_run_id" not in study.user_attrs:
-        if time.time() > deadline:
-            raise UsageError(f"study {name!r} has no parent run (its creator died while "
-                             f"starting it); use another --study-name.")
-        time.sleep(1)
+    study, _ = create_or_join(storage, name, lambda st: _set_up_parent(st, name, space),
+                              "parent_run_id", wait_s, sampler=space.sampler(),
+                              pruner=space.pruner())
     return study
 
 
@@ -194,15 +175,8 @@ def _set_up_parent(study: optuna.Study, name: str, space: Space) -> None:
     client.log_param(parent, "profile", space.profile)
     client.log_param(parent, "base", str(space.base_path.name))
     client.log_text(parent, space.path.read_text(), "search_space.yaml")
-    study.set_user_attr("parent_run_id", parent)
     study.set_user_attr("profile", space.profile)
-
-
-def _find_trial_run(study_name: str, number: int):
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.study = '{study_name}' and "
-                                            f"tags.trial = '{number}'")
-    return runs[0] if runs else None
+    study.set_user_attr("parent_run_id", parent)  # last: joiners wait for it
 
 
 def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optuna.Trial,
@@ -211,7 +185,7 @@ def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optun
     trial.set_user_attr("seed", seed)
     cfg = space.config(params, space.budget, seed)
     parent = study.user_attrs["parent_run_id"]
-    origin = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+    origin = storage_of(study).get_trial(trial_id(trial)).system_attrs.get("failed_trial")
 
     def report(epoch: int, m: dict[str, float]) -> None:
         trial.report(m["val_acc"], epoch)
@@ -227,14 +201,14 @@ def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optun
     out = train(cfg, data, run_name=f"trial {trial.number}", parent_run_id=parent, tags=tags,
                 log_model=False, on_epoch=report, score_test=False)
     trial.set_user_attr("run_id", out["run_id"])
-    if out.get("stopped") == "pruned":
+    if out["state"] == "pruned":
         raise optuna.TrialPruned()
     return float(out["val_acc"])
 
 
 def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, heartbeat: int,
          timeout: float | None, seed: int, poll: float = 5.0) -> dict[str, int]:
-    storage = study._storage
+    storage = storage_of(study)
     t0 = time.time()
     mine = {"complete": 0, "pruned": 0, "failed": 0}
     while True:
@@ -253,7 +227,7 @@ def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, he
             continue
         trial = study.ask()
         # Beat at once: a RUNNING trial that never beat is never found stale (see ablate.claim).
-        storage.record_heartbeat(trial._trial_id)
+        storage.record_heartbeat(trial_id(trial))
         # Workers that asked at once may overfill the study: the latest-numbered running trials
         # give way, so the study ends with exactly n_trials.
         running = sorted(t.number for t in study.get_trials(deepcopy=False,
@@ -263,30 +237,15 @@ def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, he
             study.tell(trial, state=TrialState.FAIL)
             continue
         print(f"[{len(counted(study)) + 1}/{n_trials}] trial {trial.number}", flush=True)
-        try:
-            with Heartbeat(storage, trial._trial_id, heartbeat):
-                value = run_trial(study, space, data, trial, seed)
-            study.tell(trial, value)
-            state, mine["complete"] = "complete", mine["complete"] + 1
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            state, mine["pruned"] = "pruned", mine["pruned"] + 1
-        except (KeyboardInterrupt, tracking.TrackingLost):
-            study.tell(trial, state=TrialState.FAIL)
-            optuna.storages.RetryFailedTrialCallback()(study, study._storage.get_trial(
-                trial._trial_id))
-            raise
-        except (*EXPECTED, RuntimeError, MemoryError, ValueError) as e:
-            reason = f"{type(e).__name__}: {e}"[:1000]
-            print(f"trial {trial.number} failed: {reason}", flush=True)
-            trial.set_user_attr("error", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            state, mine["failed"] = "failed", mine["failed"] + 1
-            run = _find_trial_run(study.study_name, trial.number)
-            if run is not None:
-                mlflow.MlflowClient().set_tag(run.info.run_id, "error", reason[:500])
-        run = _find_trial_run(study.study_name, trial.number)
+        state, reason = run_unit(
+            study, trial_id(trial), heartbeat,
+            lambda: run_trial(study, space, data, trial, seed), f"trial {trial.number}",
+            tell=lambda st, values, trial=trial: study.tell(trial, values, state=st))
+        mine[state] += 1
+        run = find_run(study.study_name, trial=trial.number)
         if run is not None:
+            if reason:
+                mlflow.MlflowClient().set_tag(run.info.run_id, "error", reason[:500])
             mlflow.MlflowClient().set_tag(run.info.run_id, "state", state)
 
 
@@ -345,6 +304,14 @@ def summarize(study: optuna.Study, space: Space, out_dir: Path) -> dict[str, Any
             # Importances need two complete trials with differing params; say so, not crash.
             print(f"note: {name} not drawn ({e})")
     summary.update({"best_trial": best.number, "best_val_acc": best.value, "best_params": params})
+    rows = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+    client.set_tag(parent, "mlflow.note.content", (
+        f"# Search `{study.study_name}`\n\n{len(trials)} finished trials ({len(complete)} "
+        f"complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), profile "
+        f"{space.profile}, budget {budget}.\n\nBest: trial {best.number}, val acc "
+        f"{best.value:.4f} (selected on val; no trial saw the test split).\n\n"
+        f"| parameter | value |\n|---|---|\n{rows}\n\nArtifacts: `best_config.yaml`, "
+        f"`optimization_history.png`, `param_importances.png`, `trials.csv`.\n"))
     return summary
 
 
@@ -357,13 +324,9 @@ def retrain_best(study: optuna.Study, space: Space, data: fer.FerData, seeds: li
     runs: dict[str, dict[int, dict[str, Any]]] = {"best": {}, "base": {}}
     for label, params in (("best", summary["best_params"]), ("base", {})):
         for sd in seeds:
-            done = mlflow.search_runs(
-                search_all_experiments=True, output_format="list", max_results=1,
-                filter_string=f"tags.study = '{study.study_name}' and tags.role = "
-                              f"'retrain-{label}' and tags.seed = '{sd}' and "
-                              f"attributes.status = 'FINISHED'")
-            if done:
-                r = {"run_id": done[0].info.run_id, **done[0].data.metrics}
+            done = find_run(study.study_name, "FINISHED", role=f"retrain-{label}", seed=sd)
+            if done is not None:
+                r = {"run_id": done.info.run_id, **done.data.metrics}
             else:
                 cfg = space.config(params, space.retrain, sd)
                 r = train(cfg, data, run_name=f"retrain {label} s{sd}", parent_run_id=parent,
@@ -386,9 +349,13 @@ def retrain_best(study: optuna.Study, space: Space, data: fer.FerData, seeds: li
 def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
              study_name: str | None, profile: str, timeout: float | None = None,
              retrain: bool = False, heartbeat: int = 20, seed: int = 0,
-             out_dir: str = "tune_report", retrain_seeds: int = 3) -> dict[str, Any]:
+             out_dir: str = "tune_report", retrain_seeds: int = 3,
+             register: str | None = None, alias: str = "best") -> dict[str, Any]:
     if n_trials < 1:
         raise UsageError(f"--n-trials must be at least 1, got {n_trials}.")
+    if register and not retrain:
+        raise UsageError("--register needs --retrain-best: the registered model is the best "
+                         "retrain of the winning config.")
     if retrain and retrain_seeds < 1:
         raise UsageError(f"--retrain-seeds must be at least 1, got {retrain_seeds}.")
     space = Space(space_path, profile)  # every check before anything is created
@@ -399,6 +366,11 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
     entry_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials are new runs, not the entry's
     spec = hashlib.sha1(Path(space_path).read_bytes()).hexdigest()[:6]
     name = study_name or f"tune-{Path(space_path).stem}-{profile}-{data.digest[-6:]}-{spec}"
+    tracking.use_study_experiment(name, (
+        f"Optuna search `{name}` ({space.profile} profile) over {space.path.name}. The parent "
+        f"run `tune {name}` holds the best config, the history and importance plots and the "
+        f"trials table; each child run is one trial, tagged `state` complete, pruned or "
+        f"failed, and holds no test metric."))
     study = open_tune_study(storage, name, space)
     check_parent_here(study, storage_url)
     attach_entry_run(entry_run, study.user_attrs["parent_run_id"], name)
@@ -409,6 +381,13 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
         # Fresh seeds: none of them is the one the search selected on.
         fresh = [seed + 1 + i for i in range(retrain_seeds)]
         summary["retrain"] = retrain_best(study, space, data, fresh, summary)
+        if register:
+            reg = tracking.register_best(f"tags.study = '{name}' and tags.role = 'retrain-best'",
+                                         register, alias)
+            if reg is not None:
+                print(f"registered {reg['uri']} (version {reg['version']}): run "
+                      f"{reg['run_id']}, val acc {reg['val_acc']:.4f}", flush=True)
+            summary["registered"] = reg
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary
@@ -436,12 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: all cores); split the cores when several workers "
                         "share this machine")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="with --retrain-best: register the best retrain of the winning config "
+                        "(by val accuracy) in the Model Registry as NAME, with the alias --alias")
+    p.add_argument("--alias", default="best", help="alias of the registered version")
     a = p.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     tracking.setup(a.experiment)
     s = run_tune(a.data, a.space, a.n_trials, a.storage, a.study_name or None, a.profile, a.timeout,
-                 a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds)
+                 a.retrain_best, a.heartbeat, a.seed, a.out_dir, a.retrain_seeds,
+                 a.register or None, a.alias)
     print(json.dumps(s, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return 0
 

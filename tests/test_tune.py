@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from pipeline.cli import UsageError
 from pipeline.config import build, flatten
-from pipeline.tune import Space, counted, run_tune
+from pipeline.tune import counted, load_space, run_tune
 from tests.conftest import ROOT, freeze_mid_trial, run_cli
 from tests.test_ablate import PG, pg_mlflow  # noqa: F401  (fixture)
 
@@ -153,7 +153,7 @@ def test_bad_space_is_refused(tmp_path, space_change, needle):
     space = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())["space"]
     space.update(space_change)
     with pytest.raises(UsageError) as e:
-        Space(space_file(tmp_path, space=space), "smoke")
+        load_space(space_file(tmp_path, space=space), "smoke")
     assert needle in str(e.value)
 
 

@@ -4,6 +4,7 @@ wrapper and the run's own config, so ``mlflow.pyfunc.load_model(folder)`` works 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import yaml
 
 from . import serving, tracking
 from .cli import parser, run_main
-from .errors import UsageError
 from .config import build, from_dict
+from .errors import UsageError
 from .evaluate import load_model
 
 
@@ -56,7 +57,10 @@ def export(model_uri: str, out: str | Path, force: bool = False,
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         staged = Path(tmp) / "model"
         serving.save(rebuilt, cfg, example_faces(), staged)
-        serving.copy_folder(staged, out)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), out)
     return out
 
 

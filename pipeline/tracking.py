@@ -339,6 +339,8 @@ def register_best(filter_string: str, name: str, alias: str) -> dict[str, Any] |
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "selected_by", "best val_acc")
+    print(f"registered models:/{name}@{alias} (version {version.version}): run "
+          f"{best.info.run_id}, val acc {best.data.metrics['val_acc']:.4f}", flush=True)
     return {"name": name, "version": version.version, "alias": alias,
             "run_id": best.info.run_id, "val_acc": best.data.metrics["val_acc"],
             "uri": f"models:/{name}@{alias}"}

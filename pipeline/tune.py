@@ -396,12 +396,8 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
         fresh = [seed + 1 + i for i in range(retrain_seeds)]
         summary["retrain"] = retrain_best(study, space, data, fresh, summary)
         if register:
-            reg = tracking.register_best(f"tags.study = '{name}' and tags.role = 'retrain-best'",
-                                         register, alias)
-            if reg is not None:
-                print(f"registered {reg['uri']} (version {reg['version']}): run "
-                      f"{reg['run_id']}, val acc {reg['val_acc']:.4f}", flush=True)
-            summary["registered"] = reg
+            summary["registered"] = tracking.register_best(
+                f"tags.study = '{name}' and tags.role = 'retrain-best'", register, alias)
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary

@@ -490,8 +490,6 @@ def _register(filter_string: str, name: str, alias: str) -> dict[str, Any]:
     if reg is None:
         raise UsageError(f"nothing to register as {name!r}: no finished run logged a model "
                          f"(pass --log-models all or reference).")
-    print(f"registered {reg['uri']} (version {reg['version']}): run {reg['run_id']}, val acc "
-          f"{reg['val_acc']:.4f}", flush=True)
     return reg
 
 

@@ -10,11 +10,8 @@ import sys
 import warnings
 from typing import Callable
 
-from .errors import ConfigError, DataError, TrainingError, UsageError
+from .errors import EXPECTED, UsageError, TrainingError  # noqa: F401 (imported from here too)
 from .tracking import bound_retries
-
-
-EXPECTED = (DataError, ConfigError, UsageError, TrainingError, ConnectionError, FileNotFoundError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

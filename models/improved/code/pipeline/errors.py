@@ -18,3 +18,7 @@ class UsageError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, for example)."""
+
+
+# What an entry point reports in one line (exit 2) instead of a traceback.
+EXPECTED = (DataError, ConfigError, UsageError, TrainingError, ConnectionError, FileNotFoundError)

@@ -14,7 +14,6 @@ this module (``loader_module``), so loading needs this package (carried in the f
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -184,10 +183,3 @@ def load(model_uri: str) -> ServedModel:
         return ServedModel(mlflow.pytorch.load_model(str(local), map_location="cpu"))
     data = flavors["python_function"]["data"]
     return _load_pyfunc(str(local / data))
-
-
-def copy_folder(src: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), out)

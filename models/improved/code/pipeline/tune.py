@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,38 +42,51 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # --------------------------------------------------------------------------- the search file
 
 
+SPACE_KEYS = ("base", "profiles", "sampler", "pruner", "space")
+
+
+def load_space(path: str | Path, profile: str) -> "Space":
+    """Read and check the search file, as :func:`pipeline.ablate.load_study` reads a study:
+    through the same YAML reader, every config value checked, before any trial."""
+    p = Path(path)
+    d = load_yaml(p, "search-space", UsageError, SPACE_KEYS)
+    profiles = d.get("profiles") or {}
+    if profile not in profiles:
+        raise UsageError(f"{p}: unknown profile {profile!r}; this file has "
+                         f"{', '.join(profiles) or 'none'}.")
+    budget = dict((profiles[profile] or {}).get("set") or {})
+    sp = Space(path=p, base_path=config_path(str(d.get("base", "improved"))), profile=profile,
+               budget=budget, retrain=dict((profiles[profile] or {}).get("retrain") or budget),
+               sampler_spec=d.get("sampler") or {"name": "tpe", "seed": 0},
+               pruner_spec=d.get("pruner") or {"name": "median"}, space=d.get("space") or {})
+    if not sp.space:
+        raise UsageError(f"{p}: the space is empty; give at least one parameter.")
+    try:
+        for k, v in {**sp.budget, **sp.retrain}.items():
+            coerce(k, v, f"{p} profile {profile}")
+        sp.check(sp.space, str(p))
+        build(sp.base_path, sp.budget)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    sp.sampler()
+    sp.pruner()
+    return sp
+
+
+@dataclass(frozen=True)
 class Space:
     """The search file, checked: a base config, a nested space, a sampler, a pruner, budgets."""
 
-    def __init__(self, path: str | Path, profile: str):
-        p = Path(path)
-        d = load_yaml(p, "search-space", UsageError,
-                      ("base", "profiles", "sampler", "pruner", "space"))
-        self.path = p
-        self.base_path = config_path(str(d.get("base", "improved")))
-        profiles = d.get("profiles") or {}
-        if profile not in profiles:
-            raise UsageError(f"{p}: unknown profile {profile!r}; this file has "
-                             f"{', '.join(profiles) or 'none'}.")
-        self.profile = profile
-        self.budget = dict((profiles[profile] or {}).get("set") or {})
-        self.retrain = dict((profiles[profile] or {}).get("retrain") or self.budget)
-        self.sampler_spec = d.get("sampler") or {"name": "tpe", "seed": 0}
-        self.pruner_spec = d.get("pruner") or {"name": "median"}
-        self.space = d.get("space") or {}
-        if not self.space:
-            raise UsageError(f"{p}: the space is empty; give at least one parameter.")
-        try:
-            for k, v in {**self.budget, **self.retrain}.items():
-                coerce(k, v, f"{p} profile {profile}")
-            self._check(self.space, str(p))
-            build(self.base_path, self.budget)
-        except ConfigError as e:
-            raise UsageError(str(e)) from None
-        self.sampler()
-        self.pruner()
+    path: Path
+    base_path: Path
+    profile: str
+    budget: dict[str, Any]
+    retrain: dict[str, Any]  # the budget of --retrain-best (default: the search's)
+    sampler_spec: dict[str, Any]
+    pruner_spec: dict[str, Any]
+    space: dict[str, Any]
 
-    def _check(self, space: dict, where: str) -> None:
+    def check(self, space: dict, where: str) -> None:
         for key, spec in space.items():
             at = f"{where}: {key}"
             if not isinstance(spec, dict) or "type" not in spec:
@@ -105,7 +119,7 @@ class Space:
                     coerce(key, c, at)
                 if isinstance(choices, dict):
                     for c, sub in choices.items():
-                        self._check(sub or {}, f"{at}={c}")
+                        self.check(sub or {}, f"{at}={c}")
             else:
                 raise UsageError(f"{at}: unknown type {spec['type']!r}; use float, int or "
                                  f"categorical.")
@@ -358,7 +372,7 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
                          "retrain of the winning config.")
     if retrain and retrain_seeds < 1:
         raise UsageError(f"--retrain-seeds must be at least 1, got {retrain_seeds}.")
-    space = Space(space_path, profile)  # every check before anything is created
+    space = load_space(space_path, profile)  # every check before anything is created
     tracking.check_reachable()
     data = fer.load(data_path)
     fer.check_usage(data)
@@ -382,12 +396,8 @@ def run_tune(data_path: str, space_path: str, n_trials: int, storage_url: str,
         fresh = [seed + 1 + i for i in range(retrain_seeds)]
         summary["retrain"] = retrain_best(study, space, data, fresh, summary)
         if register:
-            reg = tracking.register_best(f"tags.study = '{name}' and tags.role = 'retrain-best'",
-                                         register, alias)
-            if reg is not None:
-                print(f"registered {reg['uri']} (version {reg['version']}): run "
-                      f"{reg['run_id']}, val acc {reg['val_acc']:.4f}", flush=True)
-            summary["registered"] = reg
+            summary["registered"] = tracking.register_best(
+                f"tags.study = '{name}' and tags.role = 'retrain-best'", register, alias)
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         finish_parent(study.user_attrs["parent_run_id"], entry_run)
     return summary

@@ -12,16 +12,17 @@ import threading
 import time
 from typing import Any, Callable
 
+import mlflow
 import optuna
+from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from .errors import ConfigError, DataError, TrainingError, UsageError
+from .errors import EXPECTED, UsageError
 from .tracking import TrackingLost, first_use_lock
 
 # A unit that fails with one of these is recorded as failed, with its reason, and the study goes
 # on (a diverging config, an out-of-memory cell); anything else stops the worker.
-UNIT_FAILURES = (ConfigError, DataError, UsageError, TrainingError, ConnectionError,
-                 FileNotFoundError, RuntimeError, MemoryError, ValueError)
+UNIT_FAILURES = (*EXPECTED, RuntimeError, MemoryError, ValueError)
 Tell = Callable[[TrialState, "list[float] | None"], None]
 
 
@@ -127,9 +128,6 @@ class Heartbeat:
 def check_parent_here(study: optuna.Study, url: str) -> None:
     """Stop before any training when the study's parent run is not in this tracking store: the
     store was deleted or replaced since the study began, and its runs went with it."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     parent = study.user_attrs["parent_run_id"]
     try:
         gone = mlflow.MlflowClient().get_run(parent).info.lifecycle_stage == "deleted"
@@ -151,8 +149,6 @@ def attach_entry_run(entry_run: str | None, parent: str, study_name: str) -> Non
     per attempt; the study's cells and report stay in the parent."""
     if not entry_run or entry_run == parent:
         return
-    import mlflow
-
     client = mlflow.MlflowClient()
     for k, v in {"mlflow.parentRunId": parent, "role": "worker", "study": study_name,
                  "worker_of": parent,
@@ -168,8 +164,6 @@ def attach_entry_run(entry_run: str | None, parent: str, study_name: str) -> Non
 def finish_parent(parent: str, entry_run: str | None) -> None:
     """A complete study's parent ends FINISHED, whatever an earlier, killed invocation left it
     as (FAILED, KILLED). Under `mlflow run`, the entry run's own end is `mlflow run`'s job."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     if parent != entry_run and client.get_run(parent).info.status != "FINISHED":
         client.set_terminated(parent, "FINISHED")
@@ -204,8 +198,6 @@ def create_or_join(storage, name: str, set_up: Callable[[optuna.Study], None], r
 
 def find_run(study_name: str, status: str | None = None, **tags: Any):
     """The latest run of the study with these tags (and this status), or None."""
-    import mlflow
-
     filt = " and ".join([f"tags.study = '{study_name}'",
                          *(f"tags.{k} = '{v}'" for k, v in tags.items())])
     if status:

@@ -29,7 +29,7 @@ import torch
 from optuna.trial import TrialState
 
 from . import data as fer
-from . import plots, stats, tracking
+from . import findings, plots, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, coerce, config_path, load_yaml
 from .errors import ConfigError, UsageError
@@ -53,6 +53,7 @@ class Cell:
     stage: str
     overrides: dict[str, Any]
     toggle: str | None = None
+    extra: bool = False  # declared in the profile's extra_cells (its own overrides)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class StudyPlan:
     profile: str
     budget: dict[str, Any]
     log_models: str  # all | none | reference (the reference stage's seed-0 model only)
+    extra: list[dict[str, Any]] = field(default_factory=list)  # the profile's extra_cells
     cells: list[Cell] = field(default_factory=list)
     # Cells left out because the toggle has nothing to act on in that stage, with the reason.
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -117,7 +119,8 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
               seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
               reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
               profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
-              log_models="all" if prof.get("log_models", False) else "none")
+              log_models="all" if prof.get("log_models", False) else "none",
+              extra=list(prof.get("extra_cells") or []))
     if s.seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
     try:
@@ -164,15 +167,58 @@ def _cells(s: StudyPlan) -> list[Cell]:
                                              f"constant channel count to put a skip around"))
                 continue
             cells.append(cell)
-    return cells
+    return cells + [_extra_cell(s, spec, i, {c.name for c in cells})
+                    for i, spec in enumerate(s.extra)]
+
+
+def _token(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{'+' if value else '-'}{key}"
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def _extra_cell(s: StudyPlan, spec: Any, i: int, taken: set[str]) -> Cell:
+    """One of the profile's ``extra_cells``: a toggle's arm at settings of its own (the improved
+    net without BatchNorm at an lr at which it trains, say), paired against the reference (a
+    leave-one-out) or the base (an add-one-in), and named after its overrides."""
+    where = f"{s.path} profile {s.profile} extra_cells[{i}]"
+    if not isinstance(spec, dict) or not isinstance(spec.get("set"), dict) or \
+            set(spec) - {"stage", "set", "toggle"}:
+        raise UsageError(f"{where}: expected a mapping with 'toggle', 'set' (config keys) and "
+                         f"optionally 'stage' (default the reference), got {spec!r}.")
+    stage, toggle = spec.get("stage", s.reference), spec.get("toggle")
+    if toggle not in s.toggles or s.toggles[toggle].get("eval_only"):
+        trained = [t for t, v in s.toggles.items() if not v.get("eval_only")]
+        raise UsageError(f"{where}: toggle {toggle!r} is not a trained toggle of this study; "
+                         f"choose one of {', '.join(trained)}.")
+    if stage not in (s.reference, s.base):
+        raise UsageError(f"{where}: stage {stage!r} must be the reference ({s.reference}) or the "
+                         f"base ({s.base}), the cells an extra arm is paired against.")
+    overrides = {k: coerce(k, v, where) for k, v in spec["set"].items()}
+    against = build(config_path(stage))
+    arm = build(config_path(stage), overrides)
+    if _is_on(arm, s.toggles[toggle]) == _is_on(against, s.toggles[toggle]):
+        raise UsageError(f"{where}: its settings leave {toggle} as {label(stage)} has it; an "
+                         f"extra arm must flip the toggle (e.g. set: {s.toggles[toggle]['without']}).")
+    name = " ".join([label(stage), *(_token(k, v) for k, v in overrides.items())])
+    if name in taken:
+        raise UsageError(f"{where}: it is the cell {name!r}, which the study already trains.")
+    kind = "leave-one-out" if stage == s.reference else "add-one-in"
+    return Cell(name, kind, stage, overrides, toggle, extra=True)
 
 
 # --------------------------------------------------------------------------- the work queue
 
 
+# Bumped when what a cell's run means changes (2: element-wise block dropout, TTA-val
+# selection, a split per seed, common random numbers), so that a study begun under another
+# protocol is never continued with runs of this one.
+PROTOCOL = 2
+
+
 def fingerprint(s: StudyPlan) -> str:
     spec = [(c.name, c.stage, sorted(c.overrides.items())) for c in s.cells]
-    return hashlib.sha1(json.dumps([spec, s.seeds, sorted(s.budget.items())],
+    return hashlib.sha1(json.dumps([spec, s.seeds, sorted(s.budget.items()), PROTOCOL],
                                    default=str).encode()).hexdigest()[:12]
 
 
@@ -264,68 +310,56 @@ def work(study: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
 # --------------------------------------------------------------------------- the report
 
 
-def _fmt(m: float, lo: float, hi: float, scale: float = 100) -> str:
-    if not math.isfinite(m):
-        return "n/a"
-    if not math.isfinite(lo):
-        return f"{m * scale:+.2f}"
-    return f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]"
-
-
-def collect(study: optuna.Study) -> tuple[dict, list[dict]]:
-    """Finished runs by (cell, seed), and the failed cells with their reasons."""
+def collect(study: optuna.Study) -> tuple[dict[tuple[str, int], dict[str, Any]], list[dict],
+                                         str]:
+    """Finished runs' figures by (cell, seed), the failed cells with their reasons, and the
+    device the runs trained on."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.study = '{study.study_name}' and "
                                             f"attributes.status = 'FINISHED'")
-    by_cell: dict[tuple[str, int], Any] = {}
+    by_cell: dict[tuple[str, int], dict[str, Any]] = {}
+    device = "?"
     for r in runs:
         if "cell" in r.data.tags:
-            by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = r
+            by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
+                **r.data.metrics, "tta": r.data.params.get("tta") == "True"}
+            device = r.data.tags.get("device", device)
     retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
     failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
                "error": t.user_attrs.get("error", "worker lost")}
               for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
               if t.number not in retried and
               (t.user_attrs.get("cell"), t.user_attrs.get("seed")) not in by_cell]
-    return by_cell, failed
+    return by_cell, failed, device
 
 
-def effects(s: StudyPlan, by_cell: dict) -> list[dict[str, Any]]:
-    """Each component's effect (with minus without) on val and test accuracy, paired by seed,
-    with its t-interval and paired t-test over the seeds."""
+def pairs(s: StudyPlan) -> list[findings.Pair]:
+    """The effects the study's cells measure, each as the cell with the component minus the cell
+    without it."""
     ref_cell, base_cell = label(s.reference), label(s.base)
-    rows = []
-
-    def pair(label: str, on_cell: str, off_cell: str, on_key: str = "", off_key: str = ""):
-        row: dict[str, Any] = {"label": label, "on": on_cell, "off": off_cell}
-        seeds = sorted({sd for (c, sd) in by_cell if c == on_cell} &
-                       {sd for (c, sd) in by_cell if c == off_cell})
-
-        def accs(cell: str, part: str, key: str) -> dict[int, float]:
-            return {sd: by_cell[(cell, sd)].data.metrics.get(f"{part}_acc{key}", math.nan)
-                    for sd in seeds}
-
-        for part in ("val", "test"):
-            e = stats.paired_effect(accs(on_cell, part, on_key), accs(off_cell, part, off_key))
-            row.update({f"{part}_{k}": e[k] for k in ("mean", "lo", "hi", "p", "n")})
-        row["n"] = len(seeds)
-        rows.append(row)
-
+    out = []
     for c in s.cells:
-        if c.kind == "leave-one-out":
-            if c.name == f"{ref_cell} -{c.toggle}":
-                pair(f"{c.toggle} (leave-one-out)", ref_cell, c.name)
-            else:
-                pair(f"{c.toggle} (added to reference)", c.name, ref_cell)
-        elif c.kind == "add-one-in":
-            pair(f"{c.toggle} (added to {base_cell})", c.name, base_cell)
+        if c.kind == "stage":
+            continue
+        against = ref_cell if c.kind == "leave-one-out" else base_cell
+        has_it = _is_on(s.config(c, 0), s.toggles[c.toggle])
+        on, off = (c.name, against) if has_it else (against, c.name)
+        if c.extra:
+            own = " ".join(_token(k, v) for k, v in c.overrides.items()
+                           if k not in s.toggles[c.toggle]["with"])
+            kind = (f"added to {base_cell}" if c.kind == "add-one-in" else
+                     "leave-one-out" if off == c.name else "added to reference")
+            text = f"{c.toggle} ({kind}; arm {'with' if has_it else 'without'}: {own})"
+        elif c.kind == "leave-one-out":
+            text = (f"{c.toggle} (leave-one-out)" if off == c.name
+                    else f"{c.toggle} (added to reference)")
+        else:
+            text = f"{c.toggle} (added to {base_cell})"
+        out.append(findings.Pair(text, on, off))
     if "tta" in s.toggles:
-        pair(f"tta (on {s.reference})", ref_cell, ref_cell, "_tta", "")
-    return rows
-
-
-def _p(p: float) -> str:
-    return "n/a" if not math.isfinite(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+        out.append(findings.Pair(f"tta (on {s.reference})", ref_cell, ref_cell, "test_acc_tta",
+                                 "test_acc"))
+    return out
 
 
 QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
@@ -335,84 +369,63 @@ QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not tr
                  "report; the project ships one in `docs/ablation-full/report.md`.")
 
 
-def report(study: optuna.Study, s: StudyPlan, out_dir: Path, wall_s: float | None) -> str:
-    by_cell, failed = collect(study)
-    rows = effects(s, by_cell)
-    ladder_rows, measured = [], {}
-    for st in s.ladder:
-        cell = label(st)
-        runs = [r for (c, _), r in sorted(by_cell.items()) if c == cell]
-        acc = {k: stats.mean_ci([r.data.metrics.get(k, math.nan) for r in runs])
-               for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "epochs_run",
-                         "train_seconds")}
-        measured[st] = acc["val_acc"]
-        ladder_rows.append((st, s.reported.get(st, math.nan), acc, len(runs)))
-
-    def pct(m, lo, hi):
-        if not math.isfinite(m):
-            return "n/a"
-        return f"{m:.3f}" if not math.isfinite(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-
-    device = next((r.data.tags.get("device") for r in by_cell.values()), "?")
-    lines = [f"# Ablation report: `{study.study_name}`", ""]
+def render(name: str, s: StudyPlan, rows: list[findings.Effect], rungs: list[findings.Rung],
+           missing: list[tuple[str, int, str]], device: str, wall_s: float | None) -> str:
+    """The report as Markdown, from the computed figures alone."""
+    lines = [f"# Ablation report: `{name}`", ""]
     if s.profile != "full":
         lines += [QUICK_WARNING.format(profile=s.profile), ""]
     lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
               + (f", wall time {wall_s / 60:.1f} min" if wall_s else "") + ".",
-              f"Budget applied to every cell: {s.reduced()}.",
-              "Effects are accuracy points (with minus without), mean and 95% t-interval over "
-              "seeds, paired by seed; p is the paired t-test over the same seeds (two-sided), "
-              "so it agrees with the interval: p < 0.05 exactly when the interval excludes 0. "
-              "With few seeds both are wide; a seed is one trained model, the unit of evidence.",
-              "Val figures come from the epoch that val itself selected, so they are optimistic; "
-              "the test figures are not.", "",
-              "## Effects", "",
-              "| component | seeds | val effect (points) | val p | test effect (points) "
-              "| test p |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['val_mean'], r['val_lo'], r['val_hi'])}"
-                     f" | {_p(r['val_p'])} | {_fmt(r['test_mean'], r['test_lo'], r['test_hi'])} "
-                     f"| {_p(r['test_p'])} |")
-    lines += ["", f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child "
-              "run is named `<cell> s<seed>`.", ""]
-    for name, why in s.skipped:
-        lines.append(f"- `{name}` is left out: {why}.")
-    lines += ["", "## Stage ladder", "",
-              "| stage | reported val | val acc | val acc (TTA) | test acc | test acc (TTA) "
-              "| epochs run | train min | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    for st, rep, acc, n in ladder_rows:
-        ep, secs = acc["epochs_run"][0], acc["train_seconds"][0]
-        lines.append(f"| {st} | {rep:.2f} | {pct(*acc['val_acc'])} | {pct(*acc['val_acc_tta'])} "
-                     f"| {pct(*acc['test_acc'])} | {pct(*acc['test_acc_tta'])} | "
-                     f"{'n/a' if not math.isfinite(ep) else f'{ep:.0f}'} | "
-                     f"{'n/a' if not math.isfinite(secs) else f'{secs / 60:.1f}'} | {n} |")
-    missing = [(c.name, sd) for c in s.cells for sd in range(s.seeds) if (c.name, sd) not in by_cell]
-    if failed or missing:
+              f"Budget applied to every cell: {s.reduced()}.", "", findings.HOW_TO_READ, "",
+              "## Effects on test", "", *findings.effects_table(rows), "",
+              findings.detectable_summary(rows, s.seeds), "",
+              f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child run "
+              f"is named `<cell> s<seed>`.", ""]
+    lines += [f"- `{cell}` is left out: {why}." for cell, why in s.skipped]
+    lines += ["", "## Stage ladder", "", findings.LADDER_NOTE, "", *findings.ladder_table(rungs),
+              "", "## Per-seed values", "",
+              "Test accuracy of each arm per seed (the figures every effect above is computed "
+              "from).", "", *findings.per_seed_table(rows)]
+    if missing:
         lines += ["", "## Missing cells", ""]
-        reasons = {(f["cell"], f["seed"]): f["error"] for f in failed}
-        for c, sd in missing:
-            lines.append(f"- `{c}` seed {sd}: {reasons.get((c, sd), 'not finished yet')}")
-    text = "\n".join(lines) + "\n"
+        lines += [f"- `{c}` seed {sd}: {why}" for c, sd, why in missing]
+    return "\n".join(lines) + "\n"
+
+
+def report(study: optuna.Study, s: StudyPlan, out_dir: Path, wall_s: float | None) -> str:
+    """Compute the findings from the study's finished runs, render them, and publish them: the
+    report and figures in ``out_dir`` and on the parent run, and the effects as its metrics."""
+    by_cell, failed, device = collect(study)
+    rows = findings.effects(pairs(s), by_cell)
+    rungs = findings.ladder(s.ladder, s.reported, by_cell)
+    reasons = {(f["cell"], f["seed"]): f["error"] for f in failed}
+    missing = [(c.name, sd, reasons.get((c.name, sd), "not finished yet")) for c in s.cells
+               for sd in range(s.seeds) if (c.name, sd) not in by_cell]
+    text = render(study.study_name, s, rows, rungs, missing, device, wall_s)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
-    figs = {"forest.png": plots.forest(rows, "test") if rows else None,
-            "ladder.png": plots.ladder(s.ladder, measured, s.reported)}
+    figs = {"forest.png": plots.forest(rows) if rows else None,
+            "ladder.png": plots.ladder(s.ladder, {r.stage: r.figures["val_selected"]
+                                                  for r in rungs}, s.reported)}
     parent = study.user_attrs["parent_run_id"]
     client = mlflow.MlflowClient()
-    for name, fig in figs.items():
+    for fname, fig in figs.items():
         if fig is not None:
-            fig.savefig(out_dir / name, dpi=110)
-            client.log_artifact(parent, str(out_dir / name), "report")
+            fig.savefig(out_dir / fname, dpi=110)
+            client.log_artifact(parent, str(out_dir / fname), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
     client.set_tag(parent, "mlflow.note.content", text)  # the report on the run's overview page
-    for r in rows:
-        key = "effect_" + re.sub(r"[^a-z0-9]+", "_", r["label"].lower()).strip("_")
-        for part in ("val", "test"):
-            for stat in ("mean", "lo", "hi"):
-                v = r[f"{part}_{stat}"]
-                if math.isfinite(v):
-                    suffix = "" if stat == "mean" else f"_{stat}"
-                    client.log_metric(parent, f"{key}/{part}_points{suffix}", 100 * v)
+    for e in rows:
+        if not e.is_size:
+            continue
+        key = "effect_" + re.sub(r"[^a-z0-9]+", "_", e.pair.label.lower()).strip("_")
+        for stat, v in (("", e.mean), ("_lo", e.lo), ("_hi", e.hi)):
+            if math.isfinite(v):
+                client.log_metric(parent, f"{key}/test_points{stat}", 100 * v)
+        for stat, v in (("p", e.p), ("p_holm", e.p_holm)):
+            if math.isfinite(v):
+                client.log_metric(parent, f"{key}/{stat}", v)
     return text
 
 

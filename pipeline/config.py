@@ -54,7 +54,7 @@ class Config:
     # --- data
     data_fraction: float = 1.0  # share of the train split used
     val_fraction: float = 0.2
-    split_seed: int = 0
+    split_seed: int = 0  # follows seed unless set: each seed draws its own train/val split
     normalize: str = "unit"
     augment: bool = False
     rotation: float = 10.0  # degrees
@@ -132,6 +132,9 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
 
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
     values = {k: coerce(k, v, source) for k, v in d.items()}
+    # An interval over seeds then covers which faces landed in val as well as initialisation;
+    # paired arms of one seed share the split. Resolved here, so params show the split used.
+    values.setdefault("split_seed", values.get("seed", 0))
     cfg = Config(**values)
     if cfg.scale_min > cfg.scale_max:
         raise ConfigError(f"{source}: scale_min={cfg.scale_min} > scale_max={cfg.scale_max}.")
@@ -203,4 +206,10 @@ def flatten(cfg: Config) -> dict[str, str]:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML. ``split_seed`` is written only where it differs from
+    ``seed``: otherwise it followed the seed, and a study that reseeds this file (a tuned
+    ``best_config.yaml`` as its reference, say) must draw a split per seed again."""
+    d = cfg.to_dict()
+    if d["split_seed"] == d["seed"]:
+        del d["split_seed"]
+    return yaml.safe_dump(d, sort_keys=False)

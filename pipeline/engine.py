@@ -207,35 +207,60 @@ class Recipe:
                    cfg.label_smoothing, cfg.grad_clip)
 
 
+class CudaGraphs:
+    """How a graphed :class:`TrainStep` runs its warm-up steps and captures its graph: warm-up
+    on a side stream (as capture requires), capture with ``torch.cuda.graph``. A stand-in with
+    the same two methods (capture records ``fn`` without running it, as CUDA does) lets the
+    step's logic be checked without a GPU."""
+
+    def eager(self, fn: Callable[[], None]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+
 class TrainStep:
     """One optimisation step on a batch given by indices into the run's uint8 images: gather,
     augment, normalise, forward, loss, backward, clip, update, and running sums of loss and
     correct answers kept on the device.
 
-    On a GPU with ``rt.graphs`` the step is captured once as a CUDA graph (after three eager
-    warm-up steps on a side stream, which settle cuDNN's algorithm choice and the allocator)
-    and then replayed: at batch 64 on 48x48 faces a step is a few hundred small kernels, and
-    launching them one by one from Python costs more than running them. A graph has one batch
-    shape, so the epoch's last, partial batch is skipped (a different one each epoch).
+    On a GPU with ``rt.graphs`` the first ``WARMUP - 1`` steps run eagerly on a side stream
+    (they settle cuDNN's algorithm choice and the allocator); the next call captures the step
+    as a CUDA graph and replays it, and every later call only replays. At batch 64 on 48x48
+    faces a step is a few hundred small kernels, and launching them one by one from Python
+    costs more than running them. Every call updates the weights exactly once: capture records
+    without running, so the capturing call's batch is trained by its one replay. A graph has one
+    batch shape, so the epoch's last, partial batch is skipped (a different one each epoch).
+    ``graphs`` replaces the CUDA machinery (tests).
     """
 
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
-                 images: torch.Tensor, labels: torch.Tensor, recipe: Recipe):
+                 images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+                 graphs: CudaGraphs | None = None):
         self.model, self.opt, self.rt, self.recipe = model, opt, rt, recipe
         self.images, self.labels = images, labels  # on the device, for the whole run
         self.batch_size = batch_size = recipe.batch_size
-        dev = rt.device
+        dev = images.device
         self.loss_sum = torch.zeros((), device=dev)
         self.correct = torch.zeros((), device=dev, dtype=torch.long)
         self.finite = torch.ones((), device=dev, dtype=torch.bool)
         self.last_loss = torch.zeros((), device=dev)
-        self.graphed = rt.graphs and len(labels) >= batch_size
+        self.graphed = (rt.graphs or graphs is not None) and len(labels) >= batch_size
+        self.graphs = graphs or CudaGraphs()
         if self.graphed:
             self.idx = torch.zeros(batch_size, device=dev, dtype=torch.long)
             self.u = torch.zeros(batch_size, N_DRAWS, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: Any = None
         self.steps = 0
 
     def reset(self) -> None:
@@ -264,6 +289,10 @@ class TrainStep:
         self.correct.add_((logits.argmax(1) == y).sum())
         self.finite.logical_and_(torch.isfinite(loss))
 
+    def _eager(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self._body(self.idx, self.u, cache=False)
+
     def __call__(self, idx: torch.Tensor, u: torch.Tensor | None) -> None:
         self.steps += 1
         if not self.graphed:
@@ -273,24 +302,15 @@ class TrainStep:
         self.idx.copy_(idx)
         if u is not None:
             self.u.copy_(u)
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.opt.zero_grad(set_to_none=True)
-            self._body(self.idx, self.u, cache=False)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.steps >= self.WARMUP:
+        if self.graph is None:
+            if self.steps < self.WARMUP:
+                self.graphs.eager(self._eager)
+                return
             # Grads set to None now are allocated by the capture from the graph's own pool,
             # and every replay's backward writes them afresh.
             self.opt.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._body(self.idx, self.u, cache=False)
-            # Capture records without running: the last batch still needs its step.
-            self.graph.replay()
+            self.graph = self.graphs.capture(lambda: self._body(self.idx, self.u, cache=False))
+        self.graph.replay()
 
 
 def train_one_epoch(step: TrainStep, gen: torch.Generator, batch_scheduler=None,
@@ -302,10 +322,12 @@ def train_one_epoch(step: TrainStep, gen: torch.Generator, batch_scheduler=None,
     n = len(step.labels)
     # The epoch's randomness is drawn at once on the CPU from the seeded generator (so runs
     # are reproducible on any device and resumable), then moved in one copy.
+    # An arm without augmentation draws (and discards) the same uniforms, so that paired arms
+    # of one seed see the same batches in the same order: common random numbers.
     order = torch.randperm(n, generator=gen)
-    draws = torch.rand(n, N_DRAWS, generator=gen) if augment else None
+    draws = torch.rand(n, N_DRAWS, generator=gen)
     order = order.to(rt.device)
-    draws = draws.to(rt.device) if draws is not None else None
+    draws = draws.to(rt.device) if augment else None
     sync_each_step = rt.device.type == "cpu"  # a host sync is free on the CPU, costly on a GPU
     step.reset()
     seen = 0

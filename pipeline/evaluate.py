@@ -13,7 +13,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import data as fer
-from . import plots, serving, tracking
+from . import plots, serving, stats, tracking
 from .cli import parser, run_main
 from .errors import UsageError
 
@@ -34,11 +34,10 @@ def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
     labels = list(range(len(fer.EMOTIONS)))
     prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels,
                                                          zero_division=0)
-    present = np.isin(labels, y)  # macro F1 over the classes the file has
     per_class = {e: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
                      "support": int(sup[i])} for i, e in enumerate(fer.EMOTIONS)}
     return {"usage": usage, "n": int(len(y)), "accuracy": float((pred == y).mean()),
-            "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+            "macro_f1": stats.macro_f1(y, pred, len(labels))[0],
             "per_class": per_class}
 
 

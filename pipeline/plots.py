@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -95,18 +95,22 @@ def misclassified(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, n: 
     return fig
 
 
-def forest(rows: Sequence[dict], metric: str = "test"):
-    """One line per effect: mean and 95% CI in accuracy points, zero marked."""
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+def forest(rows: Sequence[Any]):
+    """One line per effect on test (``findings.Effect``): mean and 95% CI in accuracy points,
+    zero marked; a row whose arm did not train shows that instead of a size."""
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
     y = np.arange(len(rows))[::-1]
-    for yi, r in zip(y, rows):
-        m, lo, hi = r[f"{metric}_mean"], r[f"{metric}_lo"], r[f"{metric}_hi"]
-        if np.isfinite(lo):
-            ax.plot([lo * 100, hi * 100], [yi, yi], color="tab:blue", lw=2)
-        ax.plot([m * 100], [yi], "o", color="tab:blue" if np.isfinite(m) else "tab:red")
+    for yi, e in zip(y, rows):
+        if not e.is_size:
+            ax.text(0, yi, "did not train at these settings", ha="center", va="center",
+                    fontsize=8, color="tab:red")
+            continue
+        if np.isfinite(e.lo):
+            ax.plot([e.lo * 100, e.hi * 100], [yi, yi], color="tab:blue", lw=2)
+        ax.plot([e.mean * 100], [yi], "o", color="tab:blue" if np.isfinite(e.mean) else "tab:red")
     ax.axvline(0, color="grey", ls="--", lw=1)
-    ax.set_yticks(y, [r["label"] for r in rows])
-    ax.set_xlabel(f"effect on {metric} accuracy (points), mean and 95% CI over seeds")
+    ax.set_yticks(y, [e.pair.label for e in rows])
+    ax.set_xlabel("effect on test accuracy (points), mean and 95% CI over seeds")
     ax.set_title("What each component buys")
     fig.tight_layout()
     return fig
@@ -114,7 +118,8 @@ def forest(rows: Sequence[dict], metric: str = "test"):
 
 def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]],
            reported: dict[str, float]):
-    """Measured val accuracy (mean, lo, hi) per stage beside the study's reported figure."""
+    """Measured val accuracy (mean, lo, hi) per stage, as selected on (with TTA where the stage
+    validates with TTA), beside the study's reported figure."""
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(stages))
     m = np.array([measured.get(s, (np.nan,) * 3)[0] for s in stages])
@@ -122,7 +127,7 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
     lo = np.clip([measured.get(s, (np.nan,) * 3)[1] for s in stages], 0, 1)
     hi = np.clip([measured.get(s, (np.nan,) * 3)[2] for s in stages], 0, 1)
     err = np.nan_to_num(np.vstack([m - lo, hi - m]))
-    ax.bar(x - 0.2, m, 0.4, yerr=err, capsize=3, label="measured (val)")
+    ax.bar(x - 0.2, m, 0.4, yerr=err, capsize=3, label="measured (val, as selected on)")
     ax.bar(x + 0.2, [reported.get(s, np.nan) for s in stages], 0.4, label="reported (val)")
     ax.set_xticks(x, stages)
     ax.set_ylabel("accuracy")

@@ -1,5 +1,6 @@
-"""Pure statistics for the ablation: a component's effect, paired by seed, with its t interval and
-the paired t-test that goes with it.
+"""Pure statistics for the ablation: a component's effect, paired by seed, with its t interval, the
+paired t-test that goes with it, Holm's adjustment over a family of effects and the smallest effect
+a number of seeds can detect; and the one macro-F1 every entry point reports.
 
 The unit of evidence is the seed. Test images are not independent draws once a model is fixed:
 pooling every seed's per-image predictions (McNemar on the concatenation, say) treats the same
@@ -31,15 +32,16 @@ def mean_ci(x: np.ndarray | list[float], conf: float = 0.95) -> tuple[float, flo
 
 
 def paired_t(diffs: np.ndarray | list[float]) -> tuple[float, float]:
-    """Two-sided paired t-test of mean difference 0: (t, p). NaN with fewer than 2 pairs; with
-    no spread at all, p is 0 for a non-zero mean and 1 for a zero one."""
+    """Two-sided paired t-test of mean difference 0: (t, p). NaN with fewer than 2 pairs, and
+    when the differences have no spread: the test's variance estimate is then 0, and a p from it
+    (0, or 1 for a zero mean) would be a claim the data cannot make."""
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     if n < 2:
         return math.nan, math.nan
     m, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd == 0:
-        return (math.copysign(math.inf, m), 0.0) if m != 0 else (0.0, 1.0)
+    if not sd > 0:
+        return math.nan, math.nan
     t = m / (sd / math.sqrt(n))
     return t, float(2 * stats.t.sf(abs(t), n - 1))
 
@@ -52,4 +54,48 @@ def paired_effect(on: dict[int, float], off: dict[int, float]) -> dict[str, floa
     diffs = [on[s] - off[s] for s in seeds]
     m, lo, hi = mean_ci(diffs)
     t, p = paired_t(diffs)
-    return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi, "t": t, "p": p}
+    sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
+    return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi, "t": t, "p": p, "sd": sd,
+            "detectable": detectable_effect(sd, len(seeds)), "seeds": seeds}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values over one family, in the order given; a NaN p (no test)
+    is not a member of the family and stays NaN. Rejecting where adjusted p < alpha keeps the
+    chance of any false rejection in the family at most alpha."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
+    m = len(tested)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test over ``n`` seeds, with
+    differences of spread ``sd``, detects with probability ``power`` at level ``alpha``
+    (the usual approximation (t_{1-alpha/2} + t_{power}) * sd / sqrt(n), df n-1). NaN when it
+    cannot be stated (fewer than 2 seeds, no spread)."""
+    if n < 2 or not (math.isfinite(sd) and sd > 0):
+        return math.nan
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[float, np.ndarray]:
+    """Macro-F1 over the classes present in ``y_true``, and each class's F1 (NaN for a class the
+    labels lack). A class absent from the scored set has no F1 to average: counting it as 0
+    would penalise a model for what the file does not hold."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    f1 = np.full(n_classes, math.nan)
+    for c in range(n_classes):
+        support = int((y_true == c).sum())
+        if support == 0:
+            continue
+        tp = int(((y_true == c) & (y_pred == c)).sum())
+        predicted = int((y_pred == c).sum())
+        f1[c] = 2 * tp / (support + predicted)  # = 2PR / (P + R), and 0 when tp is 0
+    present = np.isfinite(f1)
+    return (float(f1[present].mean()) if present.any() else math.nan), f1

@@ -324,23 +324,38 @@ def log_npz(arrays: dict[str, np.ndarray], artifact_file: str) -> None:
         mlflow.log_artifact(str(path), None if parent == "." else parent)
 
 
+def served_val_acc(run) -> float | None:
+    """The validation accuracy a run's logged model is served with: the TTA one for a run
+    trained with ``tta`` (its model applies the views), the plain one otherwise."""
+    m = run.data.metrics
+    return m.get("val_acc_tta") if run.data.params.get("tta") == "True" else m.get("val_acc")
+
+
+def best_served(runs: list) -> Any:
+    """The run with the best :func:`served_val_acc` (None if none has one)."""
+    scored = [r for r in runs if served_val_acc(r) is not None]
+    return max(scored, key=served_val_acc) if scored else None
+
+
 def register_best(filter_string: str, name: str, alias: str) -> dict[str, Any] | None:
-    """Register the model of the finished run with the best val accuracy among those matching
-    ``filter_string`` (selected on val, never on test) as a new version of ``name``, and point
-    ``alias`` at it. None when no such run logged a model."""
+    """Register the model of the finished run with the best served val accuracy
+    (:func:`served_val_acc`) among those matching ``filter_string`` (selected on val, never on
+    test) as a new version of ``name``, and point ``alias`` at it. None when no such run logged
+    a model."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"{filter_string} and attributes.status = "
                                             f"'FINISHED' and tags.model_uri != ''")
-    runs = [r for r in runs if "val_acc" in r.data.metrics]
-    if not runs:
+    best = best_served(runs)
+    if best is None:
         return None
-    best = max(runs, key=lambda r: r.data.metrics["val_acc"])
+    acc = served_val_acc(best)
+    kind = "val_acc_tta" if best.data.params.get("tta") == "True" else "val_acc"
     version = mlflow.register_model(best.data.tags["model_uri"], name)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, "selected_by", "best val_acc")
+    client.set_model_version_tag(name, version.version, "selected_by", f"best {kind}")
     print(f"registered models:/{name}@{alias} (version {version.version}): run "
-          f"{best.info.run_id}, val acc {best.data.metrics['val_acc']:.4f}", flush=True)
+          f"{best.info.run_id}, {kind.replace('_', ' ')} {acc:.4f}", flush=True)
     return {"name": name, "version": version.version, "alias": alias,
-            "run_id": best.info.run_id, "val_acc": best.data.metrics["val_acc"],
+            "run_id": best.info.run_id, "val_acc": acc, "selected_by": kind,
             "uri": f"models:/{name}@{alias}"}

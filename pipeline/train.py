@@ -12,10 +12,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix, f1_score
+from sklearn.metrics import classification_report, confusion_matrix
 
 from . import data as fer
-from . import plots, serving, tracking
+from . import plots, serving, stats, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Recipe, Runtime, StopRun, TrainStep,
@@ -196,8 +196,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
         elif outcome == "complete":
             if t.stopper.best_state is not None:
                 t.model.load_state_dict(t.stopper.best_state)  # select on validation
-            result.update(_finish(t.model, cfg, rt, data, split, xva, yva, xte, yte, t.history,
-                                  t.train_seconds, t.stopper, log_model))
+            result.update(_finish(t, data, split, (xva, yva), (xte, yte), log_model))
             mlflow.set_tag("state", outcome)
             ckpt.remove()
     if outcome == "interrupted":
@@ -221,23 +220,30 @@ def _epochs(t: Trainer, data: fer.FerData, xva: torch.Tensor, yva: torch.Tensor,
             return "interrupted"
         desc = f"{cfg.stage} epoch {t.next_epoch + 1}/{cfg.epochs}"
         tr = train_one_epoch(t.step, t.gen, t.sched if t.when == "batch" else None, desc=desc)
-        va = evaluate_split(t.model, xva, yva, t.rt)
+        # A TTA run selects its epoch, steps its plateau and stops early on the accuracy it is
+        # served with, the TTA one, as the study validated with TTA.
+        va = evaluate_split(t.model, xva, yva, t.rt, tta=cfg.tta)
+        selected = va["tta"]["acc"] if cfg.tta else va["acc"]
         t.train_seconds += tr["seconds"]
         # Epochs count from 1 everywhere (the progress line, the step, best_epoch), and no
         # per-epoch point sits at step 0, the step whose metrics MLflow ties to a logged model.
         row = {"epoch": t.next_epoch + 1, "train/loss": tr["loss"], "train/acc": tr["acc"],
                "val/loss": va["loss"], "val/acc": va["acc"],
                "train/img_per_s": tr["img_per_s"], "lr": float(t.opt.param_groups[0]["lr"])}
+        if cfg.tta:
+            row["val/acc_tta"] = selected
         t.history.append(row)
         pending.append(row)
         print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
-              f"{va['loss']:.4f} acc {va['acc']:.4f} | {tr['img_per_s']:.0f} img/s", flush=True)
+              f"{va['loss']:.4f} acc {va['acc']:.4f}"
+              f"{f' (tta {selected:.4f})' if cfg.tta else ''} | {tr['img_per_s']:.0f} img/s",
+              flush=True)
         if t.when == "metric":
-            t.sched.step(va["acc"])
+            t.sched.step(selected)
         elif t.when == "epoch" and t.sched is not None:
             t.sched.step()
         epoch = t.next_epoch
-        stopped = t.stopper.update(va["acc"], epoch, t.model)
+        stopped = t.stopper.update(selected, epoch, t.model)
         t.next_epoch += 1
         this_call += 1
         halt = max_epochs is not None and this_call >= max_epochs
@@ -251,7 +257,7 @@ def _epochs(t: Trainer, data: fer.FerData, xva: torch.Tensor, yva: torch.Tensor,
             last_save = time.monotonic()
         if on_epoch is not None:
             try:
-                on_epoch(epoch, {"val_acc": va["acc"], "train_acc": tr["acc"]})
+                on_epoch(epoch, {"val_acc": selected, "train_acc": tr["acc"]})
             except StopRun:
                 return "pruned"
     return "complete"
@@ -285,15 +291,21 @@ def _check_resumable(run_id: str) -> None:
                          f"{owner.rsplit(':', 2)[1]} on this machine; stop it first.")
 
 
-def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: Split, xva, yva,
-            xte, yte, history, train_seconds: float, stopper: EarlyStopping,
-            log_model: bool) -> dict[str, Any]:
-    """Final metrics (with and without TTA, so the toggle needs no retraining) and artifacts.
+def _finish(t: Trainer, data: fer.FerData, split: Split, val: tuple[torch.Tensor, torch.Tensor],
+            test: tuple[torch.Tensor, torch.Tensor], log_model: bool) -> dict[str, Any]:
+    """Final metrics of the selected model (with and without TTA, so the toggle needs no
+    retraining) and artifacts.
 
     They are computed in fp32, the precision the logged model serves in, whatever precision
-    trained the run."""
-    rt = copy.copy(rt)
+    trained the run. ``train_acc`` is the clean accuracy on the train split (no augmentation, no
+    dropout), beside ``majority_rate``, the share of its largest class: a net that did not
+    train sits at the latter, whatever its last epoch's augmented accuracy said."""
+    model, cfg, history, stopper = t.model, t.cfg, t.history, t.stopper
+    (xva, yva), (xte, yte) = val, test
+    rt = copy.copy(t.rt)
     rt.bf16 = False
+    tr = evaluate_split(model, t.step.images, t.step.labels, rt)
+    counts = torch.bincount(t.step.labels.cpu(), minlength=len(fer.EMOTIONS))
     va = evaluate_split(model, xva, yva, rt, tta=True)
     va_t = va["tta"]
     has_test = len(yte) > 0
@@ -304,14 +316,15 @@ def _finish(model, cfg: Config, rt: Runtime, data: fer.FerData, split: Split, xv
     y_true = ref_y.numpy()
     y_pred = ref["probs"].argmax(1).numpy()
     labels = list(range(len(fer.EMOTIONS)))
-    f1s = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    macro, f1s = stats.macro_f1(y_true, y_pred, len(labels))
     metrics = {"val_acc": va["acc"], "val_acc_tta": va_t["acc"], "val_loss": va["loss"],
-               "macro_f1": float(np.mean(f1s)), "train_seconds": train_seconds,
+               "train_acc": tr["acc"], "majority_rate": float(counts.max() / counts.sum()),
+               "macro_f1": macro, "train_seconds": t.train_seconds,
                "epochs_run": len(history), "best_epoch": stopper.best_epoch + 1,
                "train_img_per_s": float(np.mean([h["train/img_per_s"] for h in history])),
                "eval_img_per_s": va["img_per_s"],
                "train_acc_final": history[-1]["train/acc"]}
-    metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s)})
+    metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s) if np.isfinite(f)})
     if has_test:
         metrics.update({"test_acc": te["acc"], "test_acc_tta": te_t["acc"]})
     model_uri = model_id = None

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline.config import STAGES, Config, ConfigError, build, parse_set
+from pipeline.config import STAGES, Config, ConfigError, build, parse_set, to_yaml
 from pipeline.models import (BasicBlock, FerClassifier, IdentityResidual, build_model,
                              residual_blocks, residual_stages, supports_residual)
 from tests.conftest import ROOT
@@ -27,6 +27,38 @@ def test_layers_and_overrides():
     assert (cfg.epochs, cfg.tta, cfg.lr, cfg.width) == (1, False, 0.01, 0.5)
     assert cfg.label_smoothing == 0.1  # from the YAML
     assert Config().label_smoothing == 0.0  # the default underneath
+
+
+def test_split_seed_follows_seed_unless_set(tmp_path):
+    improved = ROOT / "ablations/stages/improved.yaml"
+    assert build(improved, {"seed": 3}).split_seed == 3
+    assert build(improved).split_seed == 0
+    assert build(improved, {"seed": 3, "split_seed": 0}).split_seed == 0
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text("stage: basic\nsplit_seed: 7\n")
+    assert build(pinned, {"seed": 2}).split_seed == 7
+    # A written config (a run's config.yaml, a tuned best_config.yaml) keeps that distinction:
+    # reseeded, it draws the new seed's split unless its split was pinned.
+    for cfg, reseeded in ((build(improved, {"seed": 2}), 5), (build(pinned, {"seed": 2}), 7)):
+        f = tmp_path / "written.yaml"
+        f.write_text(to_yaml(cfg))
+        assert build(f) == cfg
+        assert build(f, {"seed": 5}).split_seed == reseeded
+
+
+@pytest.mark.parametrize("stage", ["advanced", "improved"])
+def test_block_dropout_is_element_wise(stage):
+    """The study's Dropout(0.25) after each conv block zeroes single activations; Dropout2d
+    would zero whole feature maps."""
+    model = build_model(build(ROOT / "ablations/stages" / f"{stage}.yaml"))
+    drops = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert len(drops) == 3 and all(type(m) is torch.nn.Dropout and m.p == 0.25 for m in drops)
+    drops[0].train()
+    torch.manual_seed(0)
+    out = drops[0](torch.ones(4, 32, 24, 24))
+    per_map = (out == 0).float().mean(dim=(2, 3))  # share of zeros in each feature map
+    assert 0.2 < float(per_map.mean()) < 0.3
+    assert float(((per_map == 0) | (per_map == 1)).float().mean()) == 0.0  # no map all or none
 
 
 @pytest.mark.parametrize("item, needle", [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline.stats import mean_ci, paired_effect, paired_t
+from pipeline.stats import detectable_effect, holm, macro_f1, mean_ci, paired_effect, paired_t
 
 ON = {0: 0.671, 1: 0.684, 2: 0.662, 3: 0.690}
 OFF = {0: 0.659, 1: 0.653, 2: 0.666, 3: 0.668}
@@ -54,8 +54,17 @@ def test_too_few_seeds_give_no_interval_or_p():
     e = paired_effect({0: 0.7}, {0: 0.6})
     assert e["n"] == 1 and e["mean"] == pytest.approx(0.1)
     assert math.isnan(e["lo"]) and math.isnan(e["p"])
-    assert paired_t([0.01, 0.01]) == (math.inf, 0.0)
-    assert paired_t([0.0, 0.0]) == (0.0, 1.0)
+
+
+def test_no_p_from_differences_without_spread():
+    """Identical differences have no variance to test against: p is not 0 (nor 1), it is
+    absent, and so is the interval."""
+    for d in ([0.01, 0.01], [0.0, 0.0], [0.02, 0.02, 0.02]):
+        t, p = paired_t(d)
+        assert math.isnan(t) and math.isnan(p)
+    e = paired_effect({0: 0.7, 1: 0.71}, {0: 0.69, 1: 0.70})
+    assert e["mean"] == pytest.approx(0.01) and math.isnan(e["p"])
+    assert math.isnan(e["detectable"])
 
 
 def test_missing_metrics_are_left_out_not_propagated():
@@ -78,3 +87,48 @@ def test_null_effect_is_rejected_at_about_its_level(seeds):
     rate = rejections / studies
     # 4000 Bernoulli(.05) draws: sd of the rate is 0.0034; this band is about 4 sd wide.
     assert 0.036 < rate < 0.064, rate
+
+
+def test_holm_literal_values():
+    # m = 4: sorted p .01 .02 .03 .04 -> 4*.01=.04, 3*.02=.06, 2*.03=.06, 1*.04=.04 -> running
+    # max .04 .06 .06 .06; returned in the input order, NaN kept out of the family.
+    adj = holm([0.03, math.nan, 0.01, 0.04, 0.02])
+    assert adj[0] == pytest.approx(0.06) and math.isnan(adj[1])
+    assert adj[2] == pytest.approx(0.04)
+    assert adj[3] == pytest.approx(0.06) and adj[4] == pytest.approx(0.06)
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([]) == []
+
+
+def test_holm_controls_the_familywise_error_under_the_null():
+    """Ten true null effects, 5 seeds each: raw p rejects at least one in about 40% of studies,
+    Holm in at most 5%."""
+    rng = np.random.default_rng(7)
+    studies, any_raw, any_holm = 2000, 0, 0
+    for _ in range(studies):
+        ps = [paired_t(rng.normal(0, 0.015, 5))[1] for _ in range(10)]
+        any_raw += min(ps) < 0.05
+        any_holm += min(holm(ps)) < 0.05
+    assert any_raw / studies > 0.3
+    assert any_holm / studies < 0.065
+
+
+def test_detectable_effect_literal_and_by_simulation():
+    # (t_.975,4 + t_.80,4) * sd / sqrt(5) with sd = 1 point: (2.7764451 + 0.9409646) / 2.2360680
+    assert detectable_effect(0.01, 5) == pytest.approx(0.016624, abs=1e-6)
+    assert math.isnan(detectable_effect(0.01, 1)) and math.isnan(detectable_effect(0.0, 5))
+    # A true effect of that size is found in roughly 80% of studies (the formula approximates
+    # the noncentral t, so a little under).
+    rng = np.random.default_rng(3)
+    hits = sum(paired_t(rng.normal(0.016624, 0.01, 5))[1] < 0.05 for _ in range(4000))
+    assert 0.70 < hits / 4000 < 0.85
+
+
+def test_macro_f1_averages_the_classes_the_labels_hold():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 3])  # class 3 predicted but absent; 4..6 absent
+    macro, f1 = macro_f1(y, pred, 7)
+    # F1: class 0 = 2*1/(2+1) = .6667, class 1 = 2*2/(2+3) = .8, class 2 = 2*1/(2+1) = .6667
+    assert f1[:3] == pytest.approx([2 / 3, 0.8, 2 / 3])
+    assert np.isnan(f1[3:]).all()
+    assert macro == pytest.approx((2 / 3 + 0.8 + 2 / 3) / 3)

@@ -160,11 +160,85 @@ def test_cli_json_logged_model_and_evaluate(kaggle_csv, tmp_path):
     assert "no rows with Usage 'PrivateTest'" in " ".join(missing.stderr.split())
 
 
-def test_evaluate_matches_training_test_accuracy(kaggle_csv):
-    data = fer.load(kaggle_csv)
+def test_evaluate_matches_training_test_accuracy_and_macro_f1(tmp_path):
+    """One macro-F1: over the classes the scored labels hold. PublicTest here lacks class 3,
+    so averaging all seven labels (an absent class counted as 0) would disagree."""
+    images, labels, usage = make_faces()
+    keep = ~((usage == "PublicTest") & (labels == 3))
+    p = tmp_path / "no_happy_in_test.csv"
+    p.write_text(csv_text(images[keep], labels[keep], usage[keep]))
+    data = fer.load(p)
     out = train(stage_cfg("basic"), data)
-    res = run_evaluate(out["model_uri"], str(kaggle_csv), "PublicTest", tta=False)
+    res = run_evaluate(out["model_uri"], str(p), "PublicTest", tta=False)
     assert res["accuracy"] == pytest.approx(out["test_acc"], abs=1e-6)
+    assert res["macro_f1"] == pytest.approx(out["macro_f1"], abs=1e-9)
+    f1 = [v["f1"] for e, v in res["per_class"].items() if e != "happy"]
+    assert out["macro_f1"] == pytest.approx(float(np.mean(f1)), abs=1e-9)
+    assert "f1_happy" not in mlflow.get_run(out["run_id"]).data.metrics
+
+
+def test_a_tta_run_selects_plateaus_and_stops_on_tta_val(kaggle_csv, monkeypatch):
+    """The study validated its improved net with TTA: the epoch kept, the plateau's metric and
+    early stopping follow TTA val accuracy. Scripted val figures make plain and TTA val
+    disagree on the best epoch."""
+    import pipeline.train as train_mod
+
+    plain = [0.50, 0.10, 0.10, 0.10]
+    tta_acc = [0.10, 0.20, 0.60, 0.30]
+    real = train_mod.evaluate_split
+    calls = []
+
+    def scripted(model, images, labels, rt, tta=False):
+        out = real(model, images, labels, rt, tta)
+        if len(calls) < len(plain):  # the epochs' calls; the final scoring's come after
+            i = len(calls)
+            calls.append(tta)
+            out["acc"] = plain[i]
+            if tta:
+                out["tta"]["acc"] = tta_acc[i]
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate_split", scripted)
+    data = fer.load(kaggle_csv)
+    client = mlflow.MlflowClient()
+    # plateau_patience 0: the lr halves after every epoch that does not improve the metric.
+    for use_tta, best, lrs in ((True, 3, [1e-3] * 4), (False, 1, [1e-3, 1e-3, 5e-4, 2.5e-4])):
+        calls.clear()
+        cfg = stage_cfg("advanced", epochs=4, tta=use_tta, early_stopping=0, plateau_patience=0)
+        out = train(cfg, data, log_model=False)
+        assert calls == [use_tta] * 4
+        m = mlflow.get_run(out["run_id"]).data.metrics
+        assert m["best_epoch"] == best, use_tta
+        assert [h.value for h in client.get_metric_history(out["run_id"], "lr")] == \
+            pytest.approx(lrs)
+        hist = client.get_metric_history(out["run_id"], "val/acc_tta")
+        assert [h.value for h in hist] == (tta_acc if use_tta else [])
+    # Early stopping with patience 1: TTA val improves until epoch 3, so all 4 epochs run (on
+    # plain val, epoch 2 would have been the first bad one and the run would stop there).
+    calls.clear()
+    out = train(stage_cfg("advanced", epochs=4, tta=True, early_stopping=1), data,
+                log_model=False)
+    assert out["epochs_run"] == 4
+    assert mlflow.get_run(out["run_id"]).data.metrics["best_epoch"] == 3
+
+
+def test_train_acc_is_the_clean_accuracy_of_the_selected_model(kaggle_csv):
+    """Not the last epoch's running figure under augmentation and dropout: the kept model,
+    scored on its train split in eval mode, as served."""
+    from pipeline import serving
+    from pipeline.split import make_split, subsample
+
+    data = fer.load(kaggle_csv)
+    cfg = stage_cfg("advanced", epochs=2, data_fraction=0.5, seed=1)
+    out = train(cfg, data)
+    m = mlflow.get_run(out["run_id"]).data.metrics
+    split = make_split(data, cfg.val_fraction, cfg.split_seed)
+    rows = subsample(split.train, data.labels, cfg.data_fraction, cfg.seed)
+    probs = serving.load(out["model_uri"]).probs(data.images[rows], False)
+    assert m["train_acc"] == pytest.approx(float((probs.argmax(1) == data.labels[rows]).mean()),
+                                           abs=1.5 / len(rows))
+    counts = np.bincount(data.labels[rows], minlength=7)
+    assert m["majority_rate"] == pytest.approx(counts.max() / counts.sum())
 
 
 @pytest.mark.slow

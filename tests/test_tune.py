@@ -93,6 +93,12 @@ def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
                                                 f"'retrain-{label}'")
         assert sorted(x.data.tags["seed"] for x in runs) == ["1", "2"]
         assert all("test_acc" in x.data.metrics for x in runs)
+    # Tuned minus base on test only: val chose each retrain's epoch.
+    assert set(r["tuned_minus_base"]) == {"test_acc", "test_acc_tta"}
+    parent = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.study = 'rt' and tags.role = 'tune'")
+    assert parent and not any(k.startswith("tuned_minus_base/val")
+                              for k in parent[0].data.metrics)
     d = r["tuned_minus_base"]["test_acc"]
     best, base = r["runs"]["best"], r["runs"]["base"]
     assert d["n"] == 2

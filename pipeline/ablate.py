@@ -311,26 +311,29 @@ def work(study: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
 
 
 def collect(study: optuna.Study) -> tuple[dict[tuple[str, int], dict[str, Any]], list[dict],
-                                         str]:
-    """Finished runs' figures by (cell, seed), the failed cells with their reasons, and the
-    device the runs trained on."""
+                                         str, float | None]:
+    """Finished runs' figures by (cell, seed), the failed cells with their reasons, the device
+    the runs trained on, and the study's wall time: its first run's start to its last run's
+    end, whichever workers and sessions trained them."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.study = '{study.study_name}' and "
                                             f"attributes.status = 'FINISHED'")
     by_cell: dict[tuple[str, int], dict[str, Any]] = {}
     device = "?"
-    for r in runs:
-        if "cell" in r.data.tags:
-            by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
-                **r.data.metrics, "tta": r.data.params.get("tta") == "True"}
-            device = r.data.tags.get("device", device)
+    cells = [r for r in runs if "cell" in r.data.tags]
+    span = ((max(r.info.end_time for r in cells) - min(r.info.start_time for r in cells)) / 1000
+            if cells else None)
+    for r in cells:
+        by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
+            **r.data.metrics, "tta": r.data.params.get("tta") == "True"}
+        device = r.data.tags.get("device", device)
     retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
     failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
                "error": t.user_attrs.get("error", "worker lost")}
               for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
               if t.number not in retried and
               (t.user_attrs.get("cell"), t.user_attrs.get("seed")) not in by_cell]
-    return by_cell, failed, device
+    return by_cell, failed, device, span
 
 
 def pairs(s: StudyPlan) -> list[findings.Pair]:
@@ -376,7 +379,8 @@ def render(name: str, s: StudyPlan, rows: list[findings.Effect], rungs: list[fin
     if s.profile != "full":
         lines += [QUICK_WARNING.format(profile=s.profile), ""]
     lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
-              + (f", wall time {wall_s / 60:.1f} min" if wall_s else "") + ".",
+              + (f", wall time {wall_s / 60:.1f} min (first run's start to last run's end)"
+                 if wall_s else "") + ".",
               f"Budget applied to every cell: {s.reduced()}.", "", findings.HOW_TO_READ, "",
               "## Effects on test", "", *findings.effects_table(rows), "",
               findings.detectable_summary(rows, s.seeds), "",
@@ -393,10 +397,10 @@ def render(name: str, s: StudyPlan, rows: list[findings.Effect], rungs: list[fin
     return "\n".join(lines) + "\n"
 
 
-def report(study: optuna.Study, s: StudyPlan, out_dir: Path, wall_s: float | None) -> str:
+def report(study: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
     """Compute the findings from the study's finished runs, render them, and publish them: the
     report and figures in ``out_dir`` and on the parent run, and the effects as its metrics."""
-    by_cell, failed, device = collect(study)
+    by_cell, failed, device, wall_s = collect(study)
     rows = findings.effects(pairs(s), by_cell)
     rungs = findings.ladder(s.ladder, s.reported, by_cell)
     reasons = {(f["cell"], f["seed"]): f["error"] for f in failed}
@@ -451,7 +455,6 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
                report_dir: str, heartbeat: int = 20, jobs: int = 1,
                log_models: str | None = None, write_report: bool = True,
                register: str | None = None, alias: str = "best") -> dict[str, Any]:
-    t0 = time.time()
     s = load_study(study_path, profile, seeds, budget)  # errors before anything else
     if log_models is not None:
         s.log_models = log_models
@@ -490,7 +493,7 @@ def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
     if any(h.returncode != 0 for h in helpers):
         for k, v in work(study, s, data, heartbeat).items():
             counts[k] += v
-    text = report(study, s, Path(report_dir), time.time() - t0)
+    text = report(study, s, Path(report_dir))
     finish_parent(parent, entry_run)
     out = {"study": name, "parent_run_id": parent, "report": text, **counts}
     if register:

@@ -165,6 +165,9 @@ def reading(e: Effect) -> str:
     if e.lo <= 0 <= e.hi:
         return (f"not resolved: effects between {e.lo * 100:+.2f} and {e.hi * 100:+.2f} points "
                 f"are not excluded")
+    if not e.p_holm < 0.05:
+        return ("resolved by its own interval, not after Holm's adjustment for the family's "
+                "other effects")
     return f"resolved: it {'raises' if e.mean > 0 else 'lowers'} test accuracy"
 
 

@@ -103,12 +103,13 @@ def forest(rows: Sequence[Any]):
     for yi, e in zip(y, rows):
         if not e.is_size:
             ax.text(0, yi, "did not train at these settings", ha="center", va="center",
-                    fontsize=8, color="tab:red")
+                    fontsize=8, color="tab:red", bbox=dict(facecolor="white", edgecolor="none"))
             continue
         if np.isfinite(e.lo):
             ax.plot([e.lo * 100, e.hi * 100], [yi, yi], color="tab:blue", lw=2)
         ax.plot([e.mean * 100], [yi], "o", color="tab:blue" if np.isfinite(e.mean) else "tab:red")
     ax.axvline(0, color="grey", ls="--", lw=1)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_yticks(y, [e.pair.label for e in rows])
     ax.set_xlabel("effect on test accuracy (points), mean and 95% CI over seeds")
     ax.set_title("What each component buys")

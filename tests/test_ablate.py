@@ -128,8 +128,12 @@ def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
     again = run_ablate(str(kaggle_csv), str(study), "smoke", None, {}, "sqlite:///q.db", None,
                        "rep")
     assert again["trained"] == 0 and again["study"] == first["study"]
-    assert len(child_runs(first["study"])) == 4
+    children = child_runs(first["study"])
+    assert len(children) == 4
     assert "| batchnorm (added to reference) | 2 |" in again["report"]
+    # The wall time is the study's (first run's start to last run's end), not this call's.
+    span = (max(c.info.end_time for c in children) - min(c.info.start_time for c in children))
+    assert f"wall time {span / 60000:.1f} min (first run's start" in again["report"]
 
 
 def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description(

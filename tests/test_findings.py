@@ -90,6 +90,10 @@ def test_wording_never_calls_an_unresolved_interval_no_effect():
     assert f"{clip.lo * 100:+.2f} and {clip.hi * 100:+.2f}" in words
     assert "no effect" not in words
     assert findings.reading(rows()["augment (leave-one-out)"]).startswith("resolved: it raises")
+    # An interval that excludes 0 on its own, in a family where Holm does not reject it.
+    e = rows()["augment (leave-one-out)"]
+    e.p_holm = 0.07
+    assert findings.reading(e).startswith("resolved by its own interval, not after Holm")
 
 
 def test_per_seed_values_let_anyone_recompute_the_effects():

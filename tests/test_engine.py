@@ -100,8 +100,10 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu():
     bf16 tolerance, the same weights. A doubled step moves the weights by about one more Adam
     step (about lr per weight), far beyond the tolerance."""
     k = 8
+    # No dropout: a graph's replays draw their masks at other RNG offsets than eager steps do,
+    # which would move the weights apart for a reason that is not the one tested here.
     graph_cfg = Config(stage="improved", width=0.5, batch_size=64, augment=True, device="cuda",
-                       label_smoothing=0.1, grad_clip=1.0, deterministic=True)
+                       label_smoothing=0.1, grad_clip=1.0, conv_dropout=0.0, fc_dropout=0.0)
     eager_cfg = dataclasses.replace(graph_cfg, cuda_graphs=False)
     rt_g, model_g, images, labels = _setup(graph_cfg, n=256)
     rt_e = Runtime(eager_cfg)
@@ -121,9 +123,10 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu():
     assert step_g.graph is not None
     assert _adam_steps(step_g.opt) == _adam_steps(step_e.opt) == {k}
     lr = graph_cfg.lr
-    diffs = [(a.float() - b.float()).abs().mean().item()
-             for a, b in zip(model_g.parameters(), model_e.parameters())]
-    assert max(diffs) < 0.25 * lr, diffs
+    total = sum((a.float() - b.float()).abs().sum().item()
+                for a, b in zip(model_g.parameters(), model_e.parameters()))
+    n = sum(p.numel() for p in model_g.parameters())
+    assert total / n < 0.25 * lr, total / n  # a doubled step moves them by about lr each
 
 
 class RecordingStep(TrainStep):

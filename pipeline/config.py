@@ -130,6 +130,12 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     return value
 
 
+def served_val_metric(tta: bool) -> str:
+    """The final val metric a run's model is served with, and so selected and compared on: a run
+    trained with ``tta`` serves (and validated) its TTA-averaged predictions."""
+    return "val_acc_tta" if tta else "val_acc"
+
+
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
     values = {k: coerce(k, v, source) for k, v in d.items()}
     # An interval over seeds then covers which faces landed in val as well as initialisation;

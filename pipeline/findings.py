@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import stats
+from .config import served_val_metric
 
 Run = Mapping[str, Any]
 ByCell = Mapping[tuple[str, int], Run]
@@ -58,7 +59,6 @@ class Effect:
     lo: float
     hi: float
     p: float
-    sd: float
     detectable: float
     untrained: list[Arm] = field(default_factory=list)
     p_holm: float = math.nan
@@ -100,8 +100,8 @@ def effects(pairs: list[Pair], by_cell: ByCell) -> list[Effect]:
         e = stats.paired_effect(on, off)
         untrained = [a for a in (arm(pr.on, by_cell), arm(pr.off, by_cell)) if a.did_not_train]
         untrained = list({a.cell: a for a in untrained}.values())  # tta: one cell, both arms
-        out.append(Effect(pr, on, off, e["mean"], e["lo"], e["hi"], e["p"], e["sd"],
-                          e["detectable"], untrained))
+        out.append(Effect(pr, on, off, e["mean"], e["lo"], e["hi"], e["p"], e["detectable"],
+                          untrained))
     family = [e for e in out if e.is_size]
     for e, adj in zip(family, stats.holm([e.p for e in family])):
         e.p_holm = adj
@@ -110,7 +110,7 @@ def effects(pairs: list[Pair], by_cell: ByCell) -> list[Effect]:
 
 def served_val(run: Run) -> float:
     """The val accuracy that selected the run's epoch: the TTA one for a TTA run."""
-    return float(run.get("val_acc_tta" if run.get("tta") else "val_acc", math.nan))
+    return float(run.get(served_val_metric(bool(run.get("tta"))), math.nan))
 
 
 LADDER_KEYS = ("val_selected", "test_acc", "test_acc_tta", "train_acc", "epochs_run",

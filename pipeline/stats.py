@@ -56,7 +56,7 @@ def paired_effect(on: dict[int, float], off: dict[int, float]) -> dict[str, floa
     t, p = paired_t(diffs)
     sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
     return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi, "t": t, "p": p, "sd": sd,
-            "detectable": detectable_effect(sd, len(seeds)), "seeds": seeds}
+            "detectable": detectable_effect(sd, len(seeds))}
 
 
 def holm(pvalues: list[float]) -> list[float]:

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import mlflow
 import numpy as np
 
+from .config import served_val_metric
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fer2013"
 
@@ -324,11 +326,14 @@ def log_npz(arrays: dict[str, np.ndarray], artifact_file: str) -> None:
         mlflow.log_artifact(str(path), None if parent == "." else parent)
 
 
+def _served_metric(run) -> str:
+    return served_val_metric(run.data.params.get("tta") == "True")
+
+
 def served_val_acc(run) -> float | None:
     """The validation accuracy a run's logged model is served with: the TTA one for a run
     trained with ``tta`` (its model applies the views), the plain one otherwise."""
-    m = run.data.metrics
-    return m.get("val_acc_tta") if run.data.params.get("tta") == "True" else m.get("val_acc")
+    return run.data.metrics.get(_served_metric(run))
 
 
 def best_served(runs: list) -> Any:
@@ -349,7 +354,7 @@ def register_best(filter_string: str, name: str, alias: str) -> dict[str, Any] |
     if best is None:
         return None
     acc = served_val_acc(best)
-    kind = "val_acc_tta" if best.data.params.get("tta") == "True" else "val_acc"
+    kind = _served_metric(best)
     version = mlflow.register_model(best.data.tags["model_uri"], name)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)

@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from . import data as fer
 from . import stats, tracking
 from .cli import parser, run_main
-from .config import SCHEDULERS, Config, build, coerce, config_path, load_yaml, to_yaml
+from .config import (SCHEDULERS, Config, build, coerce, config_path, load_yaml,
+                     served_val_metric, to_yaml)
 from .errors import ConfigError, UsageError
 from .engine import StopRun
 from .train import train
@@ -217,8 +218,7 @@ def run_trial(study: optuna.Study, space: Space, data: fer.FerData, trial: optun
     trial.set_user_attr("run_id", out["run_id"])
     if out["state"] == "pruned":
         raise optuna.TrialPruned()
-    # The val accuracy the trial's model would be served with: TTA val for a TTA config.
-    return float(out["val_acc_tta"] if cfg.tta else out["val_acc"])
+    return float(out[served_val_metric(cfg.tta)])  # TTA val for a TTA config
 
 
 def work(study: optuna.Study, space: Space, data: fer.FerData, n_trials: int, heartbeat: int,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -21,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 import optuna
@@ -30,17 +29,19 @@ from optuna.trial import TrialState
 
 from . import data as fer
 from . import findings, plots, tracking
+from . import study as lifecycle
 from .cli import parser, run_main
-from .config import TOGGLES, Config, build, coerce, config_path, load_yaml
+from .config import TOGGLES, Config, build, coerce, config_path
 from .errors import ConfigError, UsageError
+from .engine import measure_training
 from .models import supports_residual
-from .train import train
-from .workers import (attach_entry_run, check_parent_here, claim, create_or_join, find_run,
-                      finish_parent, open_storage, run_unit, storage_of, trial_id)
+from .study import StudyOptions, find_run, storage_of, trial_id
+from .train import RunResult, train
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("smoke", "quick", "full")
 DEFAULT_STORAGE = "sqlite:///ablate.db"
+CellKind = Literal["stage", "leave-one-out", "add-one-in"]
+LogModels = Literal["all", "none", "reference"]
 
 
 # --------------------------------------------------------------------------- the study file
@@ -49,7 +50,7 @@ DEFAULT_STORAGE = "sqlite:///ablate.db"
 @dataclass(frozen=True)
 class Cell:
     name: str  # e.g. "advanced", "improved -batchnorm", "basic +augment"
-    kind: str  # stage | leave-one-out | add-one-in
+    kind: CellKind
     stage: str
     overrides: dict[str, Any]
     toggle: str | None = None
@@ -70,7 +71,7 @@ class StudyPlan:
     toggles: dict[str, dict]
     profile: str
     budget: dict[str, Any]
-    log_models: str  # all | none | reference (the reference stage's seed-0 model only)
+    log_models: LogModels  # reference: the reference stage's seed-0 model only
     extra: list[dict[str, Any]] = field(default_factory=list)  # the profile's extra_cells
     cells: list[Cell] = field(default_factory=list)
     # Cells left out because the toggle has nothing to act on in that stage, with the reason.
@@ -94,38 +95,47 @@ def _need(d: dict, key: str, kind: type, where: str) -> Any:
     return d[key]
 
 
+def _check_toggles(toggles: dict, where: str) -> None:
+    unknown = sorted(set(toggles) - set(TOGGLES))
+    if unknown:
+        raise UsageError(f"{where}: unknown toggle(s) {unknown}; valid toggles: "
+                         f"{', '.join(TOGGLES)}.")
+    for t, spec in toggles.items():
+        if not (isinstance(spec, dict) and (spec.get("eval_only") or
+                                            {"with", "without"} <= set(spec))):
+            raise UsageError(f"{where}: toggle {t!r} needs 'with' and 'without' config keys "
+                             f"(or eval_only: true).")
+        for side in ("with", "without"):
+            if side in spec and not isinstance(spec[side], dict):
+                raise UsageError(f"{where}: toggle {t!r}: {side} must be a mapping of config "
+                                 f"keys, got {spec[side]!r}.")
+            try:
+                for k, v in (spec.get(side) or {}).items():
+                    coerce(k, v, f"{where} toggle {t} {side}")
+            except ConfigError as e:
+                raise UsageError(str(e)) from None
+
+
 def load_study(path: str | Path, profile: str, seeds: int | None = None,
                budget: dict[str, Any] | None = None) -> StudyPlan:
     """Read and check the study file; every cell's config is built here, before any training."""
     p = Path(path)
-    d = load_yaml(p, "study", UsageError, STUDY_KEYS)
-    profiles = _need(d, "profiles", dict, str(p))
-    if profile not in profiles:
-        raise UsageError(f"{p}: unknown profile {profile!r}; this study has "
-                         f"{', '.join(profiles)}.")
-    prof = profiles[profile] or {}
+    d, prof = lifecycle.read_study_file(p, "study", STUDY_KEYS, profile)
     toggles = _need(d, "toggles", dict, str(p))
-    unknown = sorted(set(toggles) - set(TOGGLES))
-    if unknown:
-        raise UsageError(f"{p}: unknown toggle(s) {unknown}; valid toggles: {', '.join(TOGGLES)}.")
-    for t, spec in toggles.items():
-        if not (isinstance(spec, dict) and (spec.get("eval_only") or
-                                            {"with", "without"} <= set(spec))):
-            raise UsageError(f"{p}: toggle {t!r} needs 'with' and 'without' config keys "
-                             f"(or eval_only: true).")
+    _check_toggles(toggles, str(p))
+    lifecycle.check_budget(budget or {}, "the command line")
     reported = d.get("reported") or {}
     s = StudyPlan(path=p, reference=_need(d, "reference", str, str(p)),
-              base=_need(d, "base", str, str(p)), ladder=list(_need(d, "ladder", list, str(p))),
-              seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
-              reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
-              profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
-              log_models="all" if prof.get("log_models", False) else "none",
-              extra=list(prof.get("extra_cells") or []))
+                  base=_need(d, "base", str, str(p)),
+                  ladder=list(_need(d, "ladder", list, str(p))),
+                  seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
+                  reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
+                  profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
+                  log_models="all" if prof.get("log_models", False) else "none",
+                  extra=list(prof.get("extra_cells") or []))
     if s.seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
     try:
-        for k, v in s.budget.items():
-            coerce(k, v, f"{p} profile {profile}")
         s.cells = _cells(s)
         for c in s.cells:
             s.config(c, 0)
@@ -222,49 +232,36 @@ def fingerprint(s: StudyPlan) -> str:
                                    default=str).encode()).hexdigest()[:12]
 
 
-def open_study(storage, name: str, s: StudyPlan, digest: str, entry_run_id: str | None,
-               wait_s: float = 120) -> tuple[optuna.Study, bool]:
-    """Create the study and its queue (first worker) or join it (every other worker)."""
-    study, created = create_or_join(
-        storage, name, lambda st: _set_up_queue(st, name, s, digest, entry_run_id), "ready",
-        wait_s)
-    attrs = study.user_attrs
-    if attrs["fingerprint"] != fingerprint(s) or attrs["data_digest"] != digest:
-        raise UsageError(f"study {name!r} already exists with other cells, seeds, budget or data; "
-                         f"use another --study-name for a different study.")
-    return study, created
-
-
-def _set_up_queue(study: optuna.Study, name: str, s: StudyPlan, digest: str,
-                  entry_run_id: str | None) -> None:
+def set_up_queue(opened: lifecycle.Opened, s: StudyPlan, digest: str) -> None:
     """The creating worker: the parent run, then one waiting trial per (cell, seed)."""
-    client = mlflow.MlflowClient()
-    parent = entry_run_id or client.create_run(
-        tracking.experiment_id(), run_name=f"ablation {s.profile}",
-        tags={"study": name, "role": "study", "git_commit": tracking.git_commit()}).info.run_id
-    client.set_tag(parent, "study", name)
-    client.set_tag(parent, "role", "study")
-    client.set_tag(parent, "mlflow.runName", f"ablation {s.profile}")
-    # Prefixed: under `mlflow run` the parent already holds the entry point's own params.
-    for k, v in {"study_profile": s.profile, "study_seeds": s.seeds,
-                 "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
-                 "data_digest": digest}.items():
-        client.log_param(parent, k, v)
-    client.log_text(parent, s.path.read_text(), "study.yaml")
+    st = opened.study
+    parent = lifecycle.create_parent(
+        opened.experiment, opened.name, f"ablation {s.profile}", "study",
+        # Prefixed: under `mlflow run` the parent already holds the entry point's own params.
+        params={"study_profile": s.profile, "study_seeds": s.seeds,
+                "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
+                "data_digest": digest},
+        files={"study.yaml": s.path.read_text()}, adopt=opened.entry_run)
     for c in s.cells:
         for seed in range(s.seeds):
-            study.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
-    study.set_user_attr("fingerprint", fingerprint(s))
-    study.set_user_attr("data_digest", digest)
-    study.set_user_attr("parent_run_id", parent)
-    study.set_user_attr("ready", True)  # last: joiners wait for a complete queue
+            st.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
+    st.set_user_attr("fingerprint", fingerprint(s))
+    st.set_user_attr("data_digest", digest)
+    st.set_user_attr("parent_run_id", parent)
+
+
+def check_same_study(st: optuna.Study, s: StudyPlan, digest: str) -> None:
+    attrs = st.user_attrs
+    if attrs["fingerprint"] != fingerprint(s) or attrs["data_digest"] != digest:
+        raise UsageError(f"study {st.study_name!r} already exists with other cells, seeds, "
+                         f"budget or data; use another --study-name for a different study.")
 
 
 def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.FerData,
-             parent: str) -> dict[str, Any]:
+             parent: str) -> RunResult:
     done = find_run(study_name, "FINISHED", cell=cell.name, seed=seed)
     if done is not None:  # a worker that died after MLflow finished, before the queue heard
-        return {"run_id": done.info.run_id, "val_acc": done.data.metrics.get("val_acc")}
+        return RunResult.of_run(done)
     earlier = find_run(study_name, cell=cell.name, seed=seed)
     cfg = s.config(cell, seed)
     return train(cfg, data, run_name=f"{cell.name} s{seed}", parent_run_id=parent,
@@ -275,65 +272,102 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
                                                      and cell.name == label(s.reference)))
 
 
-def work(study: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
-         poll: float = 5.0) -> dict[str, int]:
-    """Train waiting cells until none is left, and none is running anywhere."""
+def estimate(s: StudyPlan, data: fer.FerData, keys: list[tuple[str, int]]) -> lifecycle.Eta:
+    """Each unit's training time on this machine: its training images (the train split's share
+    of the Training rows, times data_fraction, times epochs) over the training rate of its
+    network, measured here for half a second per distinct network (seconds per study)."""
     by_name = {c.name: c for c in s.cells}
-    parent = study.user_attrs["parent_run_id"]
-    storage = storage_of(study)
+    n_rows = int((data.usage == "Training").sum())
+    rates: dict[tuple, float] = {}
+    predicted = {}
+    for cell, seed in keys:
+        cfg = s.config(by_name[cell], seed)
+        net = (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment)
+        if net not in rates:
+            rates[net] = measure_training(cfg, seconds=0.5)
+        images = n_rows * (1 - cfg.val_fraction) * cfg.data_fraction * cfg.epochs
+        predicted[(cell, seed)] = images / rates[net]
+    return lifecycle.Eta(predicted)
+
+
+def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
+         poll: float = 5.0) -> dict[str, int]:
+    """Train waiting cells until none is left, and none is running anywhere, saying how long
+    the rest will take as it goes."""
+    by_name = {c.name: c for c in s.cells}
+    parent = st.user_attrs["parent_run_id"]
     counts = {"trained": 0, "failed": 0}
     total = len(s.cells) * s.seeds
+
+    def left() -> list[tuple[str, int]]:
+        return [(t.user_attrs["cell"], int(t.user_attrs["seed"])) for t in st.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))]
+
+    eta, began = None, time.time()
     while True:
-        optuna.storages.fail_stale_trials(study)  # dead workers' cells go back to the queue
-        t = claim(study)
+        optuna.storages.fail_stale_trials(st)  # dead workers' cells go back to the queue
+        t = lifecycle.claim(st)
         if t is None:
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
+                if counts["trained"] + counts["failed"]:
+                    print(f"this worker trained {counts['trained']} run(s) in "
+                          f"{lifecycle.duration(time.time() - began)}", flush=True)
                 return counts
             print(f"waiting for {len(running)} running cell(s) on other workers", flush=True)
             time.sleep(poll)
             continue
+        if eta is None:
+            eta = estimate(s, data, [(c.name, sd) for c in s.cells for sd in range(s.seeds)])
+            print(f"{len(left())} of {total} runs to train: about "
+                  f"{lifecycle.duration(eta.left(left()))} on this machine (from a short "
+                  f"measurement of each network here)", flush=True)
         cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        print(f"[{finished + 1}/{total}] {cell.name} seed {seed}", flush=True)
-
-        def train_cell() -> float:
-            out = run_cell(s, study.study_name, cell, seed, data, parent)
-            storage.set_trial_user_attr(trial_id(t), "run_id", out["run_id"])
-            return float(out.get("val_acc") or 0.0)
-
-        state, _ = run_unit(study, trial_id(t), heartbeat, train_cell,
-                            f"cell {cell.name} seed {seed}")
-        counts["trained" if state == "complete" else "failed"] += 1
+        finished = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        print(f"[{finished + 1}/{total}] {cell.name} seed {seed} (about "
+              f"{lifecycle.duration(eta.left(left()))} left)", flush=True)
+        t0 = time.time()
+        with lifecycle.unit(st, trial_id(t), heartbeat, f"cell {cell.name} seed {seed}") as out:
+            res = run_cell(s, st.study_name, cell, seed, data, parent)
+            storage_of(st).set_trial_user_attr(trial_id(t), "run_id", res.run_id)
+            out.value = res.metrics.get("val_acc", res.val_acc or 0.0)
+        if out.state == "complete":
+            eta.finished((cell.name, seed), time.time() - t0)
+        counts["trained" if out.state == "complete" else "failed"] += 1
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def collect(study: optuna.Study) -> tuple[dict[tuple[str, int], dict[str, Any]], list[dict],
-                                         str, float | None]:
-    """Finished runs' figures by (cell, seed), the failed cells with their reasons, the device
-    the runs trained on, and the study's wall time: its first run's start to its last run's
-    end, whichever workers and sessions trained them."""
+@dataclass
+class Collected:
+    """What the study's store and queue hold: the finished runs' figures by (cell, seed), the
+    failed units with their reasons, the device, and the wall time (first run's start to last
+    run's end, whichever workers and sessions trained them)."""
+
+    by_cell: dict[tuple[str, int], dict[str, Any]]
+    failed: list[dict[str, Any]]
+    device: str = "?"
+    wall_s: float | None = None
+
+
+def collect(st: optuna.Study) -> Collected:
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.study = '{study.study_name}' and "
+                              filter_string=f"tags.study = '{st.study_name}' and "
                                             f"attributes.status = 'FINISHED'")
-    by_cell: dict[tuple[str, int], dict[str, Any]] = {}
-    device = "?"
     cells = [r for r in runs if "cell" in r.data.tags]
-    span = ((max(r.info.end_time for r in cells) - min(r.info.start_time for r in cells)) / 1000
-            if cells else None)
+    out = Collected({}, [], wall_s=(max(r.info.end_time for r in cells) -
+                                    min(r.info.start_time for r in cells)) / 1000
+                    if cells else None)
     for r in cells:
-        by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
+        out.by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
             **r.data.metrics, "tta": r.data.params.get("tta") == "True"}
-        device = r.data.tags.get("device", device)
-    retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
-    failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
-               "error": t.user_attrs.get("error", "worker lost")}
-              for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-              if t.number not in retried and
-              (t.user_attrs.get("cell"), t.user_attrs.get("seed")) not in by_cell]
-    return by_cell, failed, device, span
+        out.device = r.data.tags.get("device", out.device)
+    out.failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
+                   "error": t.user_attrs.get("error", "worker lost")}
+                  for t in lifecycle.settled(st) if t.state == TrialState.FAIL and
+                  (t.user_attrs.get("cell"), t.user_attrs.get("seed")) not in out.by_cell]
+    return out
 
 
 def pairs(s: StudyPlan) -> list[findings.Pair]:
@@ -372,64 +406,87 @@ QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not tr
                  "report; the project ships one in `docs/ablation-full/report.md`.")
 
 
-def render(name: str, s: StudyPlan, rows: list[findings.Effect], rungs: list[findings.Rung],
-           missing: list[tuple[str, int, str]], device: str, wall_s: float | None) -> str:
+@dataclass
+class StudyReport:
+    """The report's numbers, computed from the collected runs alone (no MLflow)."""
+
+    name: str
+    rows: list[findings.Effect]
+    rungs: list[findings.Rung]
+    missing: list[tuple[str, int, str]]
+    device: str
+    wall_s: float | None
+
+
+def compute(name: str, s: StudyPlan, got: Collected) -> StudyReport:
+    reasons = {(f["cell"], f["seed"]): f["error"] for f in got.failed}
+    missing = [(c.name, sd, reasons.get((c.name, sd), "not finished yet")) for c in s.cells
+               for sd in range(s.seeds) if (c.name, sd) not in got.by_cell]
+    return StudyReport(name, findings.effects(pairs(s), got.by_cell),
+                       findings.ladder(s.ladder, s.reported, got.by_cell), missing, got.device,
+                       got.wall_s)
+
+
+def render(s: StudyPlan, r: StudyReport) -> str:
     """The report as Markdown, from the computed figures alone."""
-    lines = [f"# Ablation report: `{name}`", ""]
+    lines = [f"# Ablation report: `{r.name}`", ""]
     if s.profile != "full":
         lines += [QUICK_WARNING.format(profile=s.profile), ""]
-    lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {device}"
-              + (f", wall time {wall_s / 60:.1f} min (first run's start to last run's end)"
-                 if wall_s else "") + ".",
+    lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {r.device}"
+              + (f", wall time {r.wall_s / 60:.1f} min (first run's start to last run's end)"
+                 if r.wall_s else "") + ".",
               f"Budget applied to every cell: {s.reduced()}.", "", findings.HOW_TO_READ, "",
-              "## Effects on test", "", *findings.effects_table(rows), "",
-              findings.detectable_summary(rows, s.seeds), "",
+              "## Effects on test", "", *findings.effects_table(r.rows), "",
+              findings.detectable_summary(r.rows, s.seeds), "",
               f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child run "
               f"is named `<cell> s<seed>`.", ""]
     lines += [f"- `{cell}` is left out: {why}." for cell, why in s.skipped]
-    lines += ["", "## Stage ladder", "", findings.LADDER_NOTE, "", *findings.ladder_table(rungs),
-              "", "## Per-seed values", "",
+    lines += ["", "## Stage ladder", "", findings.LADDER_NOTE, "",
+              *findings.ladder_table(r.rungs), "", "## Per-seed values", "",
               "Test accuracy of each arm per seed (the figures every effect above is computed "
-              "from).", "", *findings.per_seed_table(rows)]
-    if missing:
+              "from).", "", *findings.per_seed_table(r.rows)]
+    if r.missing:
         lines += ["", "## Missing cells", ""]
-        lines += [f"- `{c}` seed {sd}: {why}" for c, sd, why in missing]
+        lines += [f"- `{c}` seed {sd}: {why}" for c, sd, why in r.missing]
     return "\n".join(lines) + "\n"
 
 
-def report(study: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
-    """Compute the findings from the study's finished runs, render them, and publish them: the
-    report and figures in ``out_dir`` and on the parent run, and the effects as its metrics."""
-    by_cell, failed, device, wall_s = collect(study)
-    rows = findings.effects(pairs(s), by_cell)
-    rungs = findings.ladder(s.ladder, s.reported, by_cell)
-    reasons = {(f["cell"], f["seed"]): f["error"] for f in failed}
-    missing = [(c.name, sd, reasons.get((c.name, sd), "not finished yet")) for c in s.cells
-               for sd in range(s.seeds) if (c.name, sd) not in by_cell]
-    text = render(study.study_name, s, rows, rungs, missing, device, wall_s)
+def figures(s: StudyPlan, r: StudyReport) -> dict[str, Any]:
+    return {"forest.png": plots.forest(r.rows) if r.rows else None,
+            "ladder.png": plots.ladder(s.ladder, {g.stage: g.figures["val_selected"]
+                                                  for g in r.rungs}, s.reported)}
+
+
+def effect_key(e: findings.Effect) -> str:
+    return "effect_" + re.sub(r"[^a-z0-9]+", "_", e.pair.label.lower()).strip("_")
+
+
+def publish(parent: str, out_dir: Path, r: StudyReport, text: str, figs: dict[str, Any]) -> None:
+    """The report and figures in ``out_dir`` and on the parent run (the report on its overview
+    page), and each effect's size, interval and p-values as its metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
-    figs = {"forest.png": plots.forest(rows) if rows else None,
-            "ladder.png": plots.ladder(s.ladder, {r.stage: r.figures["val_selected"]
-                                                  for r in rungs}, s.reported)}
-    parent = study.user_attrs["parent_run_id"]
     client = mlflow.MlflowClient()
     for fname, fig in figs.items():
         if fig is not None:
             fig.savefig(out_dir / fname, dpi=110)
+            plots.close(fig)
             client.log_artifact(parent, str(out_dir / fname), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
-    client.set_tag(parent, "mlflow.note.content", text)  # the report on the run's overview page
-    for e in rows:
-        if not e.is_size:
-            continue
-        key = "effect_" + re.sub(r"[^a-z0-9]+", "_", e.pair.label.lower()).strip("_")
-        for stat, v in (("", e.mean), ("_lo", e.lo), ("_hi", e.hi)):
-            if math.isfinite(v):
-                client.log_metric(parent, f"{key}/test_points{stat}", 100 * v)
-        for stat, v in (("p", e.p), ("p_holm", e.p_holm)):
-            if math.isfinite(v):
-                client.log_metric(parent, f"{key}/{stat}", v)
+    client.set_tag(parent, "mlflow.note.content", text)
+    for e in r.rows:
+        if e.is_size:
+            lifecycle.log_interval(parent, f"{effect_key(e)}/test_points", e.mean, e.lo, e.hi)
+            for stat, v in (("p", e.p), ("p_holm", e.p_holm)):
+                if v == v:  # not NaN: no spread, no p
+                    client.log_metric(parent, f"{effect_key(e)}/{stat}", v)
+
+
+def report(st: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
+    """Compute the findings from the study's finished runs, render them, and publish them."""
+    r = compute(st.study_name, s, collect(st))
+    text = render(s, r)
+    publish(st.user_attrs["parent_run_id"], out_dir, r, text, figures(s, r))
     return text
 
 
@@ -444,69 +501,80 @@ def study_description(name: str, s: StudyPlan) -> str:
             f"{len(s.cells)} cells). The parent run `ablation {s.profile}` holds the report on "
             f"its overview page; each child run is one cell and seed, named `<cell> s<seed>`. "
             f"{CELL_GUIDE} To compare cells: in the runs table, group by the tag `cell` and "
-            f"show `val_acc`, `test_acc` and `test_acc_tta`.")
+            f"show `val_acc`, `test_acc` and `test_acc_tta`."
+            + ("" if s.profile == "full" else f" {FULL_ANSWER}"))
+
+
+FULL_ANSWER = ("This profile is a reduced demonstration whose effects do not transfer; the "
+               "study's answer at its own settings is in the project's "
+               "docs/ablation-full/ (the README's Measured results).")
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def run_ablate(data_path: str, study_path: str, profile: str, seeds: int | None,
-               budget: dict[str, Any], storage_url: str, study_name: str | None,
-               report_dir: str, heartbeat: int = 20, jobs: int = 1,
-               log_models: str | None = None, write_report: bool = True,
-               register: str | None = None, alias: str = "best") -> dict[str, Any]:
-    s = load_study(study_path, profile, seeds, budget)  # errors before anything else
-    if log_models is not None:
-        s.log_models = log_models
-    data = fer.load(data_path)
-    fer.check_usage(data)
-    tracking.check_reachable()
-    storage = open_storage(storage_url, heartbeat)
+@dataclass(frozen=True)
+class AblateOptions:
+    """One ablation command: the shared study options, the study file and its budget."""
+
+    study: StudyOptions
+    study_file: str = str(ROOT / "ablations" / "study.yaml")
+    profile: str = "quick"
+    seeds: int | None = None  # None: the profile's
+    budget: dict[str, Any] = field(default_factory=dict)  # --epochs, --data-fraction, --width
+    report_dir: str = "ablation_report"
+    jobs: int = 1
+    log_models: LogModels | None = None  # None: the profile's
+    write_report: bool = True
+
+
+def study_name(o: AblateOptions, s: StudyPlan, data: fer.FerData) -> str:
     # The default name changes with the cells, seeds, budget and data, so an edited study file
     # starts a new study instead of clashing with the old one; an unchanged one resumes.
-    name = study_name or (f"ablate-{Path(study_path).stem}-{profile}-{data.digest[-6:]}-"
-                          f"{fingerprint(s)[:6]}")
-    tracking.use_study_experiment(name, study_description(name, s))
-    # Under `mlflow run` the entry's run becomes the parent (when this worker creates the
-    # study); child runs must not resume it through the environment.
-    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    study, created = open_study(storage, name, s, data.digest, entry_run)
-    check_parent_here(study, storage_url)
-    parent = study.user_attrs["parent_run_id"]
-    attach_entry_run(entry_run, parent, name)
+    return o.study.study_name or (f"ablate-{Path(o.study_file).stem}-{o.profile}-"
+                                  f"{data.digest[-6:]}-{fingerprint(s)[:6]}")
+
+
+def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict[str, Any]:
+    s = load_study(o.study_file, o.profile, o.seeds, o.budget)  # errors before anything else
+    if o.log_models is not None:
+        s.log_models = o.log_models
+    data = fer.load_training(o.study.data)
+    exp = exp or tracking.setup(None)
+    name = study_name(o, s, data)
+    opened = lifecycle.open_study(o.study, exp, name, study_description(name, s))
+    if opened.created:
+        with opened.setting_up():
+            set_up_queue(opened, s, data.digest)
+    opened.ready()
+    check_same_study(opened.study, s, data.digest)
     print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
-          f"({'created' if created else 'joined'}), parent run {parent}", flush=True)
+          f"({'created' if opened.created else 'joined'}), parent run {opened.parent}",
+          flush=True)
     # Extra local workers join the study only now that it exists, so they never race to
     # create the stores.
-    helpers = [_start_worker(data_path, study_path, s, budget, storage_url, name, heartbeat,
-                             jobs) for _ in range(jobs - 1)]
+    helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
     try:
-        counts = work(study, s, data, heartbeat)
+        counts = work(opened.study, s, data, o.study.heartbeat)
     finally:
         for h in helpers:
             if h.wait() != 0:
                 print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
                       f"back to the queue", flush=True)
-    counts["helpers_exit"] = [h.returncode for h in helpers]
-    if not write_report:
-        return {"study": name, "parent_run_id": parent, "report": "", **counts}
+    out = {"study": name, "profile": s.profile, "parent_run_id": opened.parent, "report": "",
+           **counts,
+           "helpers_exit": [h.returncode for h in helpers]}
+    if not o.write_report:
+        return out
     if any(h.returncode != 0 for h in helpers):
-        for k, v in work(study, s, data, heartbeat).items():
-            counts[k] += v
-    text = report(study, s, Path(report_dir))
-    finish_parent(parent, entry_run)
-    out = {"study": name, "parent_run_id": parent, "report": text, **counts}
-    if register:
-        out["registered"] = _register(f"tags.study = '{name}'", register, alias)
+        for k, v in work(opened.study, s, data, o.study.heartbeat).items():
+            out[k] += v
+    out["report"] = report(opened.study, s, Path(o.report_dir))
+    lifecycle.finish_parent(opened.parent, opened.entry_run)
+    if o.study.register:
+        out["registered"] = lifecycle.register(f"tags.study = '{name}'", o.study.register,
+                                            o.study.alias)
     return out
-
-
-def _register(filter_string: str, name: str, alias: str) -> dict[str, Any]:
-    reg = tracking.register_best(filter_string, name, alias)
-    if reg is None:
-        raise UsageError(f"nothing to register as {name!r}: no finished run logged a model "
-                         f"(pass --log-models all or reference).")
-    return reg
 
 
 def worker_threads(jobs: int) -> int:
@@ -515,73 +583,65 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
-def _start_worker(data_path: str, study_path: str, s: StudyPlan, budget: dict[str, Any],
-                  storage_url: str, name: str, heartbeat: int, jobs: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "pipeline.ablate", "--data", data_path, "--study", study_path,
-            "--profile", s.profile, "--seeds", str(s.seeds), "--storage", storage_url,
-            "--study-name", name, "--heartbeat", str(heartbeat), "--log-models", s.log_models,
-            "--threads", str(worker_threads(jobs)), "--no-report"]
+def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
+                  exp: tracking.Experiment) -> subprocess.Popen:
+    args = [sys.executable, "-m", "pipeline.ablate", "--data", o.study.data,
+            "--study", o.study_file, "--profile", s.profile, "--seeds", str(s.seeds),
+            "--storage", o.study.storage, "--study-name", name,
+            "--heartbeat", str(o.study.heartbeat), "--log-models", s.log_models,
+            "--threads", str(worker_threads(o.jobs)), "--no-report"]
     for key, flag in (("epochs", "--epochs"), ("data_fraction", "--data-fraction"),
                       ("width", "--width")):
-        if budget.get(key):
-            args += [flag, str(budget[key])]
+        if o.budget.get(key):
+            args += [flag, str(o.budget[key])]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-           "MLFLOW_EXPERIMENT_ID": tracking.experiment_id()}
+           "MLFLOW_EXPERIMENT_ID": exp.id()}
     env.pop("MLFLOW_RUN_ID", None)
     return subprocess.Popen(args, env=env)
 
 
-def _whole(text: str) -> int:
-    """An int that MLproject may have passed as a float ("3.0")."""
-    v = float(text)
-    if v != int(v) or v < 0:
-        raise ValueError(text)
-    return int(v)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = parser("Run the ablation study (resumable; start it on several machines to share it).")
-    p.add_argument("--data", required=True)
+    lifecycle.add_study_args(p, DEFAULT_STORAGE, default_profile="auto")
     p.add_argument("--study", default=str(ROOT / "ablations" / "study.yaml"))
-    p.add_argument("--profile", default="quick", choices=PROFILES)
-    p.add_argument("--seeds", type=_whole, default=None,
+    p.add_argument("--seeds", type=lifecycle.whole, default=None,
                    help="seeds per cell (default: the study's; 0 also means that)")
-    p.add_argument("--epochs", type=_whole, default=None, help="cap (0: the profile's)")
+    p.add_argument("--epochs", type=lifecycle.whole, default=None, help="cap (0: the profile's)")
     p.add_argument("--data-fraction", type=float, default=None)
     p.add_argument("--width", type=float, default=None)
-    p.add_argument("--storage", default=None,
-                   help=f"Optuna storage shared by the workers (default {DEFAULT_STORAGE}; "
-                        f"postgresql://... for several machines)")
-    p.add_argument("--study-name", default=None)
     p.add_argument("--report-dir", default="ablation_report")
-    p.add_argument("--heartbeat", type=int, default=20, help="seconds between worker heartbeats")
-    p.add_argument("--jobs", type=_whole, default=1,
+    p.add_argument("--jobs", type=lifecycle.whole, default=1,
                    help="workers on this machine (one process each, the CPU threads split "
                         "between them; on a GPU they share it)")
     p.add_argument("--log-models", choices=("all", "none", "reference", ""), default=None,
                    help="which runs log an MLflow model (default: the profile's; reference: "
                         "only the reference stage's seed-0 run)")
-    p.add_argument("--threads", type=_whole, default=0,
+    p.add_argument("--threads", type=lifecycle.whole, default=0,
                    help="torch CPU threads of this worker (0: the cores split over --jobs)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="build the report when the queue is empty (extra workers leave it to "
                         "the one that started them)")
-    p.add_argument("--register", default=None, metavar="NAME",
-                   help="register the study's best model (by val accuracy) in the Model "
-                        "Registry as NAME, with the alias --alias")
-    p.add_argument("--alias", default="best", help="alias of the registered version")
     a = p.parse_args(argv)
     if a.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
     torch.set_num_threads(a.threads or worker_threads(a.jobs))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v}
-    tracking.setup(a.experiment)
-    out = run_ablate(a.data, a.study, a.profile, a.seeds or None, budget,
-                     a.storage or DEFAULT_STORAGE, a.study_name or None, a.report_dir,
-                     a.heartbeat, a.jobs, a.log_models or None, a.report, a.register or None,
-                     a.alias)
+    exp = tracking.setup(a.experiment)
+    tracking.sweep_dead_runs()
+    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    try:
+        out = run_ablate(AblateOptions(lifecycle.options(a), a.study,
+                                       lifecycle.resolve_profile(a.profile), a.seeds or None,
+                                       budget, a.report_dir, a.jobs, a.log_models or None,
+                                       a.report), exp)
+    except KeyboardInterrupt:
+        lifecycle.say_stopped("pipeline.ablate", argv, under_mlflow_run)
+        raise
     print(out["report"])
+    print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()} (experiment of "
+          f"study {out['study']}; the report is on the parent run's overview page)."
+          + ("" if out.get("profile") == "full" else f"\n{FULL_ANSWER}"))
     return 0
 
 

@@ -5,6 +5,7 @@ improved stage, so the speed-up is measured side by side."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
 
 from . import data as fer
 from .cli import parser, run_main
-from .config import STAGE_DIR, STAGES, build
+from .config import STAGE_DIR, STAGES, build, parse_set
 from .engine import (Recipe, Runtime, TrainStep, build_optimizer, predict, seed_everything,
                      train_one_epoch)
 from .models import build_model
@@ -66,9 +69,6 @@ def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
                 seconds: float) -> float:
     """The usual recipe: PIL images, per-image torchvision transforms in DataLoader workers,
     fp32 contiguous tensors."""
-    from PIL import Image
-    from torchvision import transforms as T
-
     cfg = build(STAGE_DIR / "improved.yaml", overrides)
     device = Runtime(cfg).device
     tf = T.Compose([T.RandomAffine(cfg.rotation, (cfg.translate, cfg.translate),
@@ -117,24 +117,35 @@ def _dump_csv(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
             fh.write(f"{lab},{' '.join(map(str, img.ravel()))},Training\n")
 
 
+def _time_loads(data_path: str | None, tmp: Path) -> dict[str, Any]:
+    if data_path is None:
+        imgs, labs = _images(None, 16384 if torch.cuda.is_available() else 4096)
+        data_path = str(tmp / "bench.csv")
+        _dump_csv(imgs, labs, Path(data_path))
+    t0 = time.perf_counter()
+    data = fer.load(data_path)
+    parse = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fer.load(data_path)
+    return {"parse_seconds": round(parse, 3),
+            "cached_load_seconds": round(time.perf_counter() - t0, 3), "rows": len(data),
+            "data": data}
+
+
 def run_bench(data_path: str | None, overrides: dict, seconds: float,
               stages: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    saved = os.environ.get("FER_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        import os
-
         os.environ["FER_CACHE_DIR"] = tmp  # time a cold parse, then a warm cache hit
-        if data_path is None:
-            imgs, labs = _images(None, 16384 if torch.cuda.is_available() else 4096)
-            data_path = str(Path(tmp) / "bench.csv")
-            _dump_csv(imgs, labs, Path(data_path))
-        t0 = time.perf_counter()
-        data = fer.load(data_path)
-        out["parse_seconds"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        fer.load(data_path)
-        out["cached_load_seconds"] = round(time.perf_counter() - t0, 3)
-        out["rows"] = len(data)
+        try:
+            out.update(_time_loads(data_path, Path(tmp)))
+        finally:  # the temporary cache goes with the folder; the caller's comes back
+            if saved is None:
+                os.environ.pop("FER_CACHE_DIR", None)
+            else:
+                os.environ["FER_CACHE_DIR"] = saved
+    data = out.pop("data")
     # A GPU epoch of 2,048 images is over before its clocks rise; give it more.
     images, labels = _images(data, 16384 if torch.cuda.is_available() else 2048)
     out["stages"] = {}
@@ -161,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="config overrides for every stage, e.g. --set width=0.5")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    from .config import parse_set
-
     out = run_bench(a.data, parse_set(a.set), a.seconds, a.stages.split(","))
     if a.json:
         print(json.dumps(out))

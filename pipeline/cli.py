@@ -11,7 +11,7 @@ import warnings
 from typing import Callable
 
 from .errors import EXPECTED, UsageError, TrainingError  # noqa: F401 (imported from here too)
-from .tracking import bound_retries
+from .stores import bound_retries
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is experimental.*")
     warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
-    # Workers record trial heartbeats themselves (pipeline.workers.Heartbeat) around ask/tell.
+    # Workers record trial heartbeats themselves (pipeline.study.Heartbeat) around ask/tell.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 

@@ -15,6 +15,9 @@ import yaml
 
 from .errors import ConfigError
 
+# FER2013's label order: label k is EMOTIONS[k].
+EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
 STAGES = ("basic", "batchnorm", "resnet", "advanced", "improved")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "step", "none")
 OPTIMIZERS = ("adam", "sgd")

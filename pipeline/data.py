@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from .config import EMOTIONS
 from .errors import DataError
 
 try:  # ISA-L's gzip decompresses about twice as fast as zlib; plain gzip otherwise
@@ -32,7 +34,6 @@ try:  # ISA-L's gzip decompresses about twice as fast as zlib; plain gzip otherw
 except ImportError:  # pragma: no cover
     _gzip, _inflate_error = gzip, zlib.error
 
-EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 USAGES = ("Training", "PublicTest", "PrivateTest")
 IMG = 48
 N_PIXELS = IMG * IMG
@@ -291,8 +292,6 @@ def _image_files(root: Path) -> list[Path]:
 
 
 def _load_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
     files = _image_files(root)
     if not files:
         raise DataError(f"{root}: no images found; expected train/<emotion>/*.jpg and "
@@ -327,6 +326,13 @@ def _load_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- split
+
+
+def load_training(path: str | Path) -> FerData:
+    """A file to train on: loaded, and its usages checked before anything is created."""
+    data = load(path)
+    check_usage(data)
+    return data
 
 
 def check_usage(data: FerData) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import N_DRAWS, augment_batch, normalize, tta_thetas
-from .models import view_probs
+from .models import build_model, view_probs
 from .config import OPTIMIZERS, SCHEDULERS, Config
 from .errors import ConfigError, TrainingError
 
@@ -102,25 +102,52 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
             g["lr"] = float(g["lr"])
 
 
-def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """Returns (scheduler or None, when): when is 'batch', 'epoch' or 'metric' (plateau)."""
-    s = cfg.scheduler
+class Schedule:
+    """The run's LR schedule with one interface, as timm's schedulers have: the training loop
+    calls :meth:`after_batch` after every optimiser step and :meth:`after_epoch` with the
+    selected val accuracy after every epoch, and each schedule acts where it should (OneCycle
+    per batch, cosine and step per epoch, plateau on the metric, none never)."""
+
+    def __init__(self, sched: Any = None, per_batch: bool = False, on_metric: bool = False):
+        self.sched, self.per_batch, self.on_metric = sched, per_batch, on_metric
+
+    def after_batch(self) -> None:
+        if self.per_batch:
+            self.sched.step()
+
+    def after_epoch(self, metric: float) -> None:
+        if self.sched is None or self.per_batch:
+            return
+        if self.on_metric:
+            self.sched.step(metric)
+        else:
+            self.sched.step()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.sched.state_dict() if self.sched is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.sched is not None:
+            self.sched.load_state_dict(state)
+
+
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
+    s, lrs = cfg.scheduler, torch.optim.lr_scheduler
     if s == "none":
-        return None, "epoch"
+        return Schedule()
     if s == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            min_lr=cfg.min_lr), "metric"
+        return Schedule(lrs.ReduceLROnPlateau(opt, mode="max", factor=cfg.plateau_factor,
+                                              patience=cfg.plateau_patience, min_lr=cfg.min_lr),
+                        on_metric=True)
     if s == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.cosine_floor), "epoch"
+        return Schedule(lrs.CosineAnnealingLR(opt, T_max=cfg.epochs,
+                                              eta_min=cfg.lr * cfg.cosine_floor))
     if s == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.onecycle_max_lr, total_steps=cfg.epochs * steps_per_epoch,
-            pct_start=cfg.onecycle_pct_start), "batch"
+        return Schedule(lrs.OneCycleLR(opt, max_lr=cfg.onecycle_max_lr,
+                                       total_steps=cfg.epochs * steps_per_epoch,
+                                       pct_start=cfg.onecycle_pct_start), per_batch=True)
     if s == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size,
-                                               gamma=cfg.step_gamma), "epoch"
+        return Schedule(lrs.StepLR(opt, step_size=cfg.step_size, gamma=cfg.step_gamma))
     raise ValueError(f"unknown scheduler {s!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
@@ -135,13 +162,18 @@ class EarlyStopping:
     best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def update(self, acc: float, epoch: int, model: nn.Module) -> bool:
-        """Record an epoch; returns True when training should stop."""
+        """Record an epoch; returns :attr:`stopped`."""
         if acc > self.best:
             self.best, self.best_epoch, self.bad_epochs = acc, epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True)
                                for k, v in model.state_dict().items()}
         else:
             self.bad_epochs += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """The one stopping rule: ``patience`` epochs in a row without a new best."""
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
@@ -245,7 +277,7 @@ class TrainStep:
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
-                 images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+                 images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, *,
                  graphs: CudaGraphs | None = None):
         self.model, self.opt, self.rt, self.recipe = model, opt, rt, recipe
         self.images, self.labels = images, labels  # on the device, for the whole run
@@ -313,7 +345,7 @@ class TrainStep:
         self.graph.replay()
 
 
-def train_one_epoch(step: TrainStep, gen: torch.Generator, batch_scheduler=None,
+def train_one_epoch(step: TrainStep, gen: torch.Generator, schedule: Schedule | None = None,
                     desc: str = "train") -> dict[str, float]:
     """One pass over ``step``'s images in an order (and augmentation draws) from ``gen``; what
     each step does is ``step.recipe``."""
@@ -339,8 +371,8 @@ def train_one_epoch(step: TrainStep, gen: torch.Generator, batch_scheduler=None,
             continue  # BatchNorm cannot train on a batch of one; a graph has one batch shape
         step(idx, draws[start:start + len(idx)] if draws is not None else None)
         seen += len(idx)
-        if batch_scheduler is not None:
-            batch_scheduler.step()
+        if schedule is not None:
+            schedule.after_batch()
         if sync_each_step:
             if not torch.isfinite(step.last_loss):
                 raise TrainingError(f"the training loss became {step.last_loss.item()} at batch "
@@ -413,3 +445,25 @@ class StopRun(Exception):
     def __init__(self, state: str):
         super().__init__(state)
         self.state = state
+
+
+def measure_training(cfg: Config, seconds: float = 1.0) -> float:
+    """Training images/s of ``cfg``'s step on this machine, measured on random faces: the
+    step the run will take (device, precision, augmentation, CUDA graph), after one warm-up
+    epoch. A short measurement, for estimating how long a study will take."""
+    rt = Runtime(cfg)
+    gen = torch.Generator().manual_seed(0)
+    n = cfg.batch_size * 4
+    images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 7, (n,), generator=gen)
+    model = rt.model(build_model(cfg))
+    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
+    step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg))
+    train_one_epoch(step, gen, desc="measuring")
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or done == 0:
+        train_one_epoch(step, gen, desc="measuring")
+        done += n
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)

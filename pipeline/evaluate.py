@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -19,8 +20,6 @@ from .errors import UsageError
 
 
 def load_model(model_uri: str) -> serving.ServedModel:
-    from mlflow.exceptions import MlflowException
-
     try:
         return serving.load(model_uri)
     except (MlflowException, OSError, KeyError) as e:
@@ -87,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
+    tracking.sweep_dead_runs()
     r = run_evaluate(a.model_uri, a.data, a.usage, a.tta, a.predictions)
     if a.json:
         print(json.dumps(r))

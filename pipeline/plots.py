@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .data import EMOTIONS  # noqa: E402
+from .config import EMOTIONS  # noqa: E402
 
 
 def class_distribution(counts: dict[str, dict[str, int]]):
@@ -136,3 +136,8 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def close(fig: Any) -> None:
+    """Free a figure once it is saved or logged (pyplot keeps every open one)."""
+    plt.close(fig)

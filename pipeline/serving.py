@@ -7,22 +7,36 @@ Rejected, with a one-line reason: other shapes, values outside 0..255, NaN, and 
 already scaled to 0..1 (it would otherwise be read as a nearly black face and answered wrongly).
 Output: a DataFrame with one probability column per emotion and the predicted ``label``.
 
-The folder keeps the network as a state dict beside the run's resolved config, and is loaded by
-this module (``loader_module``), so loading needs this package (carried in the folder's
-``code``), torch and pandas; no pickled class layout.
+The folder keeps the network as a state dict (floats in half precision: the folder travels
+with every checkout, and the scores hold; see the README) beside the run's resolved config, and
+is loaded by this module (``loader_module``). The folder's ``code`` carries only what loading
+imports, :data:`SERVED_MODULES`: no training, study or command-line code.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
+from mlflow.models.signature import ModelSignature
+from mlflow.types import ColSpec, Schema
 
-from .data import EMOTIONS
+from .augment import tta_thetas
+from .config import EMOTIONS, from_dict, to_yaml
+from .models import FerClassifier, build_model
+
+# The modules a model folder carries: this one and its imports, and nothing they do not need
+# (a test loads a folder with only these on the path).
+SERVED_MODULES = ("__init__.py", "errors.py", "config.py", "augment.py", "models.py",
+                  "serving.py")
 
 WEIGHTS, CONFIG = "weights.pt", "config.yaml"
 ACCEPTED = "raw grey pixels 0..255 shaped (N, 48, 48), (N, 1, 48, 48) or (N, 2304)"
@@ -94,9 +108,6 @@ class ServedModel:
 def classifier(cfg, net_state: dict[str, torch.Tensor]):
     """The served form of a trained network: fp32 on the CPU, raw pixels in, with the run's own
     TTA views (applied when the run was trained with TTA)."""
-    from .augment import tta_thetas
-    from .models import FerClassifier, build_model
-
     net = build_model(cfg)
     net.load_state_dict({k: v.detach().cpu().float() for k, v in net_state.items()})
     return FerClassifier(net, cfg.normalize, tta_thetas(cfg), cfg.tta).eval()
@@ -104,20 +115,13 @@ def classifier(cfg, net_state: dict[str, torch.Tensor]):
 
 def _load_pyfunc(data_path: str) -> ServedModel:
     """MLflow's entry point for this folder's python_function flavor."""
-    import yaml
-
-    from .config import from_dict
-
     d = Path(data_path)
     cfg = from_dict(yaml.safe_load((d / CONFIG).read_text()), source=str(d / CONFIG))
     return ServedModel(classifier(cfg, torch.load(d / WEIGHTS, map_location="cpu",
                                                   weights_only=True)))
 
 
-def signature():
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
+def signature() -> ModelSignature:
     # No input schema: MLflow would enforce one dtype and one shape, and the model takes three
     # shapes in any numeric dtype; to_pixels checks the input and says what it expects.
     return ModelSignature(outputs=Schema([ColSpec("double", e) for e in EMOTIONS] +
@@ -126,25 +130,36 @@ def signature():
 
 def _requirements() -> list[str]:
     # Stated, not inferred: inference loads the model in a subprocess and takes a minute.
-    from importlib.metadata import version
-
     pins = [f"torch=={torch.__version__.split('+')[0]}"]
     return pins + [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pyyaml", "scikit-learn",
                                                    "pandas")]
 
 
-def _model_files(clf, cfg, tmp: Path) -> Path:
-    from .config import to_yaml
+def _half(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.half() if t.is_floating_point() else t
 
+
+def _model_files(clf, cfg, tmp: Path) -> Path:
     d = tmp / "fer"
     d.mkdir()
-    torch.save({k: v.detach().cpu() for k, v in clf.net.state_dict().items()}, d / WEIGHTS)
+    torch.save({k: _half(v) for k, v in clf.net.state_dict().items()}, d / WEIGHTS)
     (d / CONFIG).write_text(to_yaml(cfg))
     return d
 
 
-def _kwargs(example: np.ndarray) -> dict[str, Any]:
-    return dict(loader_module="pipeline.serving", code_paths=[str(Path(__file__).parent)],
+def _code(tmp: Path) -> Path:
+    """The package as the folder carries it: :data:`SERVED_MODULES` alone."""
+    d = tmp / "pipeline"
+    d.mkdir()
+    here = Path(__file__).parent
+    for name in SERVED_MODULES:
+        shutil.copy(here / name, d / name)
+    return d
+
+
+def _kwargs(example: np.ndarray, tmp: Path) -> dict[str, Any]:
+    return dict(loader_module="pipeline.serving", code_paths=[str(_code(tmp))],
                 signature=signature(), input_example=np.asarray(example, dtype=np.uint8),
                 pip_requirements=_requirements(),
                 metadata={"input": ACCEPTED, "output": "a probability per emotion and label",
@@ -153,29 +168,22 @@ def _kwargs(example: np.ndarray) -> dict[str, Any]:
 
 def log(clf, cfg, example: np.ndarray, **kwargs) -> Any:
     """Log the classifier in the active run, named after its stage; returns MLflow's ModelInfo."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         return mlflow.pyfunc.log_model(name=cfg.stage, data_path=str(_model_files(clf, cfg,
                                                                                    Path(tmp))),
-                                       **_kwargs(example), **kwargs)
+                                       **_kwargs(example, Path(tmp)), **kwargs)
 
 
 def save(clf, cfg, example: np.ndarray, path: str | Path) -> None:
     """Write an MLflow model folder loadable with ``mlflow.pyfunc.load_model(path)``."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pyfunc.save_model(str(path), data_path=str(_model_files(clf, cfg, Path(tmp))),
-                                 **_kwargs(example))
+                                 **_kwargs(example, Path(tmp)))
 
 
 def load(model_uri: str) -> ServedModel:
     """The served model of a URI or folder, for scoring in this process (``evaluate``); models
     logged as a pickled torch module by earlier versions load too."""
-    import mlflow
-    import yaml
-
     local = Path(model_uri) if Path(model_uri).is_dir() else \
         Path(mlflow.artifacts.download_artifacts(model_uri))
     flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]

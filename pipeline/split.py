@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
+    tracking.sweep_dead_runs()
     out = run_split(a.data, a.val_fraction, a.seed)
     rows = [(part, sum(c.values())) for part, c in out["counts"].items()]
     print("  ".join(f"{p}={n}" for p, n in rows))

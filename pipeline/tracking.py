@@ -1,33 +1,59 @@
-"""MLflow plumbing shared by every entry point: store, experiment, runs, tags, inputs."""
+"""The MLflow side of every entry point: which experiment runs go to (a value, chosen once at
+the start), the runs themselves, what they log, and the Model Registry. What lies beneath the
+store (locks, reachability, process liveness) is :mod:`pipeline.stores`."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import os
 import socket
 import subprocess
-import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 
+from . import plots
 from .config import served_val_metric
+from .stores import (_QUICK, TrackingLost, check_reachable, first_use_lock, owner_alive,
+                     owner_tag, reachable)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fer2013"
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, an assistant, the
+# study as one collapsed row); with it, in the model-training view of runs and their metrics.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+ChosenBy = Literal["default", "user", "mlflow run", "environment"]
 
 
-def setup(experiment: str | None) -> None:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` (default: ``mlflow.db`` here) and the experiment.
+@dataclass(frozen=True)
+class Experiment:
+    """The experiment an entry point's runs go to, and who chose it: the default, the user
+    (``--experiment``), ``mlflow run`` (its run's), or a parent process (a study's local worker,
+    through ``MLFLOW_EXPERIMENT_ID``). ``name`` is None when it was not chosen by name here."""
 
-    Under ``mlflow run`` the run and its experiment are already chosen; choosing another one
-    would fail, so the name is then ignored.
-    """
-    global _EXPERIMENT_NAME, _CHOSEN
+    name: str | None
+    chosen_by: ChosenBy
+
+    def id(self) -> str:
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        if os.environ.get("MLFLOW_RUN_ID"):
+            return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+        name = self.name or DEFAULT_EXPERIMENT
+        exp = mlflow.get_experiment_by_name(name)
+        return exp.experiment_id if exp else mlflow.set_experiment(name).experiment_id
+
+
+def setup(experiment: str | None) -> Experiment:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` (default: ``mlflow.db`` here) and choose the
+    experiment. Under ``mlflow run`` the run and its experiment are already chosen; choosing
+    another one would fail, so the name is then ignored."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     with first_use_lock(mlflow.get_tracking_uri()):
@@ -35,190 +61,43 @@ def setup(experiment: str | None) -> None:
         # together on a fresh SQLite file would both migrate it and one would fail.
         check_reachable()
         if os.environ.get("MLFLOW_RUN_ID"):
-            _CHOSEN = "mlflow run"  # its run's experiment
-        elif experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            _CHOSEN = "user" if experiment else "default"
-            _EXPERIMENT_NAME = experiment or DEFAULT_EXPERIMENT
-            mlflow.set_experiment(_EXPERIMENT_NAME)
-        else:
-            _CHOSEN = "environment"  # a parent process (a study's local worker) chose it
-    fail_dead_runs()
+            return Experiment(None, "mlflow run")
+        if experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            chosen = Experiment(experiment or DEFAULT_EXPERIMENT, "user" if experiment else "default")
+            mark_model_training(mlflow.set_experiment(chosen.name))
+            return chosen
+        return Experiment(None, "environment")
 
 
-_EXPERIMENT_NAME = DEFAULT_EXPERIMENT
-_CHOSEN = "default"  # who chose the experiment: default | user | mlflow run | environment
-
-
-def use_study_experiment(name: str, description: str) -> str:
+def use_study_experiment(exp: Experiment, name: str, description: str) -> Experiment:
     """A study or search gets an experiment of its own, named after it, with a description;
     unless `mlflow run`, ``--experiment`` or a parent process already chose one."""
-    global _EXPERIMENT_NAME
     client = mlflow.MlflowClient()
-    if _CHOSEN == "default":
-        _EXPERIMENT_NAME = name
+    if exp.chosen_by == "default":
         with first_use_lock(mlflow.get_tracking_uri()):
-            exp = mlflow.set_experiment(name)
-    elif _CHOSEN == "mlflow run":  # `mlflow run --experiment-name X`: describe X if bare
-        exp = client.get_experiment(experiment_id())
-        if exp.name == "Default":
-            return exp.experiment_id
+            found = mlflow.set_experiment(name)
+        exp = Experiment(name, "default")
+    elif exp.chosen_by == "mlflow run":  # `mlflow run --experiment-name X`: describe X if bare
+        found = client.get_experiment(exp.id())
+        if found.name == "Default":
+            return exp
     else:
-        return experiment_id()
-    if not exp.tags.get("mlflow.note.content"):
-        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", description)
-    return exp.experiment_id
+        return exp
+    if not found.tags.get("mlflow.note.content"):
+        client.set_experiment_tag(found.experiment_id, "mlflow.note.content", description)
+    mark_model_training(found)
+    return exp
 
 
-def experiment_id() -> str:
-    """The experiment runs go to: the one `mlflow run` chose, else the one :func:`setup` named."""
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    exp = mlflow.get_experiment_by_name(_EXPERIMENT_NAME)
-    return exp.experiment_id if exp else mlflow.set_experiment(_EXPERIMENT_NAME).experiment_id
+def mark_model_training(exp: Any) -> None:
+    """Open the experiment in MLflow's model-training view, unless its kind is already set."""
+    if KIND_TAG not in exp.tags:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_TRAINING)
 
 
-# Bounds on MLflow's HTTP retries: its defaults (7 retries, 120 s timeout) hang for minutes on a
-# dead tracking server before failing. Users can still set their own in the environment.
-HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-
-def bound_retries() -> None:
-    for k, v in HTTP_BOUNDS.items():
-        os.environ.setdefault(k, v)
-
-
-@contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in _QUICK}
-    os.environ.update(_QUICK)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _is_db(uri: str) -> bool:
-    return uri.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql")
-
-
-def check_reachable() -> None:
-    """Fail in seconds, before any training, when the tracking store cannot be reached."""
-    from mlflow.exceptions import MlflowException
-
-    uri = mlflow.get_tracking_uri()
-    try:
-        if _is_db(uri):
-            # MLflow's own engine retries a dead database for ~100 s; one try says enough here.
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
-            try:
-                engine.connect().close()
-            finally:
-                engine.dispose()
-        with _quick_http():
-            mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as e:  # MlflowException, OSError, sqlalchemy's and the drivers' errors
-        if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:
-            raise
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConnectionError(f"MLflow tracking store {uri} is not reachable: {msg}") from None
-
-
-def reachable() -> bool:
-    try:
-        check_reachable()
-        return True
-    except ConnectionError:
-        return False
-
-
-class TrackingLost(ConnectionError):
-    """The tracking store stopped answering in the middle of a run."""
-
-
-@contextlib.contextmanager
-def first_use_lock(uri: str) -> Iterator[None]:
-    """Serialise first uses of a store between processes: its first client creates and migrates
-    the schema, and two doing so at once fail (a duplicate column on SQLite, a UniqueViolation
-    on PostgreSQL). A file lock beside a SQLite file; an advisory lock on PostgreSQL."""
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        import fcntl
-
-        db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{db}.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    elif uri.startswith("postgresql"):
-        import sqlalchemy
-
-        key = int.from_bytes(hashlib.sha1(b"fer-pipeline first use").digest()[:7], "big")
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
-        try:
-            conn = engine.connect()
-        except Exception:
-            engine.dispose()
-            yield  # unreachable: the caller's own connection reports it
-            return
-        try:
-            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({key})"))
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({key})"))
-        finally:
-            conn.close()
-            engine.dispose()
-    else:
-        yield
-
-
-# --------------------------------------------------------------------------- run ownership
-# A run records which process trains it. A process that dies without ending its run (a crash,
-# kill -9) leaves it RUNNING; any later entry point on the same machine marks it FAILED, so a
-# resume, a report or a worker never takes it for a live one.
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def owner_tag() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or '?'}"
-
-
-def owner_alive(tag: str | None) -> bool | None:
-    """Whether the process named by an owner tag still runs; None when it is on another host."""
-    if not tag or tag.count(":") < 2:
-        return None
-    host, pid, start = tag.rsplit(":", 2)
-    if host != socket.gethostname():
-        return None
-    now = _start_time(int(pid))
-    if now is None:
-        return False
-    return start == "?" or now == start  # a reused pid has another start time
-
-
-def fail_dead_runs() -> list[str]:
-    """Mark FAILED the RUNNING runs whose training process on this machine has died."""
+def sweep_dead_runs() -> list[str]:
+    """Mark FAILED the RUNNING runs whose training process on this machine has died (a crash or
+    kill -9 left them RUNNING); every entry point does this as it starts."""
     client = mlflow.MlflowClient()
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments(max_results=1000)],
@@ -234,25 +113,23 @@ def fail_dead_runs() -> list[str]:
     return dead
 
 
-_GIT: str | None = None
-
-
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    global _GIT
-    if _GIT is None:
-        try:
-            _GIT = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            _GIT = "unknown"
-    return _GIT
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 @contextlib.contextmanager
 def run(name: str | None = None, parent_run_id: str | None = None, run_id: str | None = None,
         tags: dict[str, str] | None = None,
-        resume_hint: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume) a run, nested when another is active. An exception ends it FAILED."""
+        resume_command: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume) a run, nested when another is active. An exception ends it FAILED;
+    Ctrl-C or SIGTERM ends it KILLED (it was stopped, it did not fail), and the caller says
+    what was kept. ``resume_command`` (``{run_id}`` standing for the run) is how to continue it
+    should the store go away; by default, the same command."""
     nested = mlflow.active_run() is not None
     all_tags = {"git_commit": git_commit(), "owner": owner_tag(), **(tags or {})}
     if parent_run_id:
@@ -260,16 +137,12 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
                               tags=all_tags)
     rid = active.info.run_id
-    resume = (f"`python -m pipeline.train --config ... --data ... --resume {rid}`" if resume_hint
+    resume = (f"`{resume_command.replace('{run_id}', rid)}`" if resume_command
               else "the same command")
     try:
         yield active
     except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: the run was stopped, it did not fail; its checkpoint stays.
         mlflow.end_run("KILLED")
-        if resume_hint:
-            print(f"stopped: run {rid} is KILLED with its checkpoint kept; continue it with "
-                  f"{resume}", file=sys.stderr, flush=True)
         raise
     except BaseException as e:
         if not _store_error(e) or reachable():
@@ -289,8 +162,6 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
 
 
 def _store_error(e: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
     return isinstance(e, (MlflowException, OSError)) or "sqlalchemy" in type(e).__module__ or \
         "requests" in type(e).__module__ or "urllib3" in type(e).__module__
 
@@ -312,10 +183,8 @@ def log_text(text: str, artifact_file: str) -> None:
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:
-    import matplotlib.pyplot as plt
-
     mlflow.log_figure(fig, artifact_file)
-    plt.close(fig)
+    plots.close(fig)
 
 
 def log_npz(arrays: dict[str, np.ndarray], artifact_file: str) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
@@ -20,9 +24,9 @@ from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Recipe, Runtime, StopRun, TrainStep,
                      build_optimizer, build_scheduler, evaluate_split, load_optimizer_state,
-                     seed_everything,
-                     train_one_epoch)
+                     seed_everything, train_one_epoch)
 from .errors import ConfigError, DataError, UsageError
+from .stores import owner_alive
 from .models import build_model, count_params
 from .split import Split, make_split, subsample
 
@@ -55,9 +59,34 @@ def toggles_of(cfg: Config) -> str:
     return ",".join(f"{t}={getattr(cfg, t)}" for t in TOGGLES)
 
 
+RunState = Literal["complete", "pruned", "interrupted"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns, whatever happened: the run, how it ended, the epochs it
+    trained, the best epoch's selected val accuracy and, for a complete run, its final metrics
+    and logged model."""
+
+    run_id: str
+    state: RunState
+    epochs_run: int
+    val_acc: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+
+    @classmethod
+    def of_run(cls, run: Any) -> "RunResult":
+        """A run that already finished (a worker died after MLflow heard, before its queue)."""
+        m = run.data.metrics
+        return cls(run.info.run_id, "complete", int(m.get("epochs_run", 0)), m.get("val_acc"),
+                   dict(m), run.data.tags.get("model_uri"))
+
+
 class Trainer:
-    """What a run trains and carries across epochs: the network, optimiser, scheduler, early
-    stopping, the data order's generator, and the history so far."""
+    """What a run trains and carries across epochs: the network, optimiser, schedule, early
+    stopping, the data order's generator, and the history so far. Its whole state goes in and
+    out through :meth:`state_dict` and :meth:`load_state_dict`."""
 
     def __init__(self, cfg: Config, rt: Runtime, xtr: torch.Tensor, ytr: torch.Tensor):
         seed_everything(cfg.seed, cfg.deterministic)
@@ -65,37 +94,49 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.model = rt.model(build_model(cfg))
         self.opt = build_optimizer(cfg, self.model.parameters(), capturable=rt.graphs)
-        self.sched, self.when = build_scheduler(cfg, self.opt, -(-len(ytr) // cfg.batch_size))
+        self.schedule = build_scheduler(cfg, self.opt, -(-len(ytr) // cfg.batch_size))
         self.step = TrainStep(self.model, self.opt, rt, xtr, ytr, Recipe.of(cfg))
         self.stopper = EarlyStopping(cfg.early_stopping)
         self.history: list[dict[str, float]] = []
         self.next_epoch, self.train_seconds = 0, 0.0
 
     def should_stop(self) -> bool:
-        st = self.stopper
-        return self.next_epoch >= self.cfg.epochs or (st.patience > 0 and
-                                                      st.bad_epochs >= st.patience)
+        return self.next_epoch >= self.cfg.epochs or self.stopper.stopped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.next_epoch - 1, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.schedule.state_dict(),
+                "early_stopping": self.stopper.state_dict(), "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                             else None),
+                "numpy_rng": np.random.get_state(), "history": self.history,
+                "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        load_optimizer_state(self.opt, state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(state["numpy_rng"])
+        self.history, self.next_epoch = state["history"], state["epoch"] + 1
+        self.train_seconds = state["train_seconds"]
 
 
 class Checkpoint:
-    """A run's checkpoint file and its one layout: written atomically, and on load checked to
-    have been made with this config and this data."""
+    """A run's checkpoint file: written atomically, and on load checked to have been made with
+    this config and this data. What goes in it is the trainer's own state."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.path = checkpoint_dir() / f"{run_id}.pt"
 
-    def save(self, t: Trainer, data: fer.FerData) -> None:
-        _save_atomic({"config": t.cfg.to_dict(), "data_digest": data.digest,
-                      "epoch": t.next_epoch - 1, "model": t.model.state_dict(),
-                      "optimizer": t.opt.state_dict(),
-                      "scheduler": t.sched.state_dict() if t.sched is not None else None,
-                      "early_stopping": t.stopper.state_dict(), "generator": t.gen.get_state(),
-                      "torch_rng": torch.get_rng_state(),
-                      "cuda_rng": (torch.cuda.get_rng_state_all()
-                                   if torch.cuda.is_available() else None),
-                      "numpy_rng": np.random.get_state(), "history": t.history,
-                      "train_seconds": t.train_seconds}, self.path)
+    def save(self, state: dict[str, Any], cfg: Config, data: fer.FerData) -> None:
+        _save_atomic({"config": cfg.to_dict(), "data_digest": data.digest, **state}, self.path)
 
     def load(self, cfg: Config, data: fer.FerData) -> dict[str, Any] | None:
         if not self.path.exists():
@@ -112,59 +153,53 @@ class Checkpoint:
                             f"same --data.")
         return state
 
-    @staticmethod
-    def restore(state: dict[str, Any], t: Trainer) -> None:
-        t.model.load_state_dict(state["model"])
-        load_optimizer_state(t.opt, state["optimizer"])
-        if t.sched is not None:
-            t.sched.load_state_dict(state["scheduler"])
-        t.stopper.load_state_dict(state["early_stopping"])
-        t.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np.random.set_state(state["numpy_rng"])
-        t.history, t.next_epoch = state["history"], state["epoch"] + 1
-        t.train_seconds = state["train_seconds"]
-
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Splits:
+    """The run's rows as tensors: train on the run's device (uint8, 2.3 KB an image), val and
+    test on the CPU (test empty when the run must not see it)."""
+
+    split: Split
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def _splits(cfg: Config, data: fer.FerData, device: torch.device, score_test: bool) -> Splits:
+    split = make_split(data, cfg.val_fraction, cfg.split_seed)
+    train_rows = subsample(split.train, data.labels, cfg.data_fraction, cfg.seed)
+    if len(split.val) == 0 or len(train_rows) < 2:
+        raise DataError(f"{data.source}: too few Training rows for a train/val split "
+                        f"({len(train_rows)} train, {len(split.val)} val).")
+
+    def tensors(rows: np.ndarray, dev: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(data.images[rows]).unsqueeze(1).to(dev)
+        return x, torch.from_numpy(data.labels[rows]).to(dev)
+
+    return Splits(split, tensors(train_rows, device), tensors(split.val, "cpu"),
+                  tensors(split.test if score_test else split.test[:0], "cpu"))
 
 
 def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
           tags: dict[str, str] | None = None, parent_run_id: str | None = None,
           resume_run_id: str | None = None, on_epoch: EpochCallback | None = None,
           log_model: bool = True, max_epochs: int | None = None,
-          score_test: bool = True) -> dict[str, Any]:
+          score_test: bool = True, resume_command: str | None = None) -> RunResult:
     """Train ``cfg`` on ``data`` as one MLflow run.
 
     ``resume_run_id`` continues that run from its last checkpoint (or starts it, if it has
     none). ``on_epoch(epoch, metrics)`` may raise :class:`StopRun` to stop (Optuna pruning);
     ``max_epochs`` stops after that many epochs in this call, leaving the checkpoint and the
     run KILLED. ``score_test=False`` never touches the test split (searches select on val
-    alone).
-
-    Returns one shape whatever happened: ``run_id``, ``state`` (complete, pruned or
-    interrupted), ``epochs_run``, ``val_acc`` (the best epoch's), and for a complete run its
-    final metrics and ``model_uri``.
+    alone). ``resume_command`` (``{run_id}`` standing for the run) is printed, should the run
+    be stopped, as the way to continue it.
     """
     rt = Runtime(cfg)
-    split = make_split(data, cfg.val_fraction, cfg.split_seed)
-    train_rows = subsample(split.train, data.labels, cfg.data_fraction, cfg.seed)
-    if len(split.val) == 0 or len(train_rows) < 2:
-        raise DataError(f"{data.source}: too few Training rows for a train/val split "
-                        f"({len(train_rows)} train, {len(split.val)} val).")
-    test_rows = split.test if score_test else split.test[:0]
-
-    def tensors(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(data.images[rows]).unsqueeze(1).to(device)
-        return x, torch.from_numpy(data.labels[rows]).to(device)
-
-    xtr, ytr = tensors(train_rows, rt.device)  # uint8 on the device: 2.3 KB per image
-    xva, yva = tensors(split.val, "cpu")
-    xte, yte = tensors(test_rows, "cpu")
-    t = Trainer(cfg, rt, xtr, ytr)
-
+    sp = _splits(cfg, data, rt.device, score_test)
+    t = Trainer(cfg, rt, *sp.train)
     check_checkpoint_dir()
     # Checked before the run is touched: a refused resume leaves the run as it was.
     if resume_run_id:
@@ -172,84 +207,122 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     state = Checkpoint(resume_run_id).load(cfg, data) if resume_run_id else None
     all_tags = {"stage": cfg.stage, "seed": str(cfg.seed), "toggles": toggles_of(cfg),
                 "device": f"{rt.device.type}{'-bf16' if rt.bf16 else ''}", **(tags or {})}
-    with tracking.run(name=run_name or f"{cfg.stage} s{cfg.seed}", parent_run_id=parent_run_id,
-                      run_id=resume_run_id, tags=all_tags, resume_hint=True) as active:
-        run_id = active.info.run_id
-        ckpt = Checkpoint(run_id)
-        if state is not None:
-            Checkpoint.restore(state, t)
-            _log_unlogged(run_id, t.history)
-            print(f"resuming run {run_id} at epoch {t.next_epoch + 1}/{cfg.epochs}")
-        else:
-            mlflow.log_params(flatten(cfg))
-            mlflow.log_params({"n_train": len(train_rows), "n_params": count_params(t.model),
-                               "data_digest": data.digest})
-            tracking.log_input(data)
-            tracking.log_text(to_yaml(cfg), "config.yaml")
-        outcome = _epochs(t, data, xva, yva, ckpt, on_epoch, max_epochs)
-        result: dict[str, Any] = {"run_id": run_id, "state": outcome,
-                                  "epochs_run": len(t.history), "val_acc": t.stopper.best}
-        if outcome == "pruned":
-            mlflow.set_tag("state", outcome)
-            mlflow.log_metric("val_acc", t.stopper.best)
-            ckpt.remove()
-        elif outcome == "complete":
-            if t.stopper.best_state is not None:
-                t.model.load_state_dict(t.stopper.best_state)  # select on validation
-            result.update(_finish(t, data, split, (xva, yva), (xte, yte), log_model))
-            mlflow.set_tag("state", outcome)
-            ckpt.remove()
-    if outcome == "interrupted":
+    ckpt = None
+    try:
+        with tracking.run(name=run_name or f"{cfg.stage} s{cfg.seed}",
+                          parent_run_id=parent_run_id, run_id=resume_run_id, tags=all_tags,
+                          resume_command=resume_command) as active:
+            ckpt = Checkpoint(active.info.run_id)
+            result = _run(t, data, sp, state, ckpt, on_epoch=on_epoch, max_epochs=max_epochs,
+                          log_model=log_model)
+    except KeyboardInterrupt:
+        if ckpt is not None:
+            _say_stopped(ckpt, resume_command)
+        raise
+    if result.state == "interrupted":
         # Not FINISHED: a worker or a report must never take a half-trained run for done.
-        mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+        mlflow.MlflowClient().set_terminated(result.run_id, "KILLED")
     return result
 
 
-def _epochs(t: Trainer, data: fer.FerData, xva: torch.Tensor, yva: torch.Tensor,
-            ckpt: Checkpoint, on_epoch: EpochCallback | None, max_epochs: int | None) -> str:
+def _say_stopped(ckpt: Checkpoint, resume_command: str | None) -> None:
+    """What a stop kept, as it is: a checkpoint and the epoch it holds, or none."""
+    if ckpt.path.exists():
+        epoch = torch.load(ckpt.path, map_location="cpu", weights_only=False)["epoch"] + 1
+        kept = f"its checkpoint after epoch {epoch} is kept"
+    else:
+        kept = "no epoch had been checkpointed yet, so it starts again from epoch 1"
+    how = (f"; continue it with `{resume_command.replace('{run_id}', ckpt.run_id)}`"
+           if resume_command else "")
+    print(f"stopped: run {ckpt.run_id} is KILLED; {kept}{how}", file=sys.stderr, flush=True)
+
+
+def _run(t: Trainer, data: fer.FerData, sp: Splits, state: dict[str, Any] | None,
+         ckpt: Checkpoint, *, on_epoch: EpochCallback | None, max_epochs: int | None,
+         log_model: bool) -> RunResult:
+    """Inside the active run: begin or resume it, train its epochs, and finish it."""
+    _begin(t, data, sp, state)
+    outcome = _epochs(t, data, sp.val, ckpt, on_epoch, max_epochs)
+    result = RunResult(ckpt.run_id, outcome, len(t.history), t.stopper.best)
+    if outcome == "pruned":
+        mlflow.log_metric("val_acc", t.stopper.best)
+    elif outcome == "complete":
+        if t.stopper.best_state is not None:
+            t.model.load_state_dict(t.stopper.best_state)  # select on validation
+        result.metrics, result.model_uri = _finish(t, data, sp, log_model)
+    if outcome != "interrupted":
+        mlflow.set_tag("state", outcome)
+        ckpt.remove()
+    return result
+
+
+def _begin(t: Trainer, data: fer.FerData, sp: Splits, state: dict[str, Any] | None) -> None:
+    """A resumed run takes its checkpoint's state; a new one logs what it is."""
+    run_id = mlflow.active_run().info.run_id
+    if state is not None:
+        t.load_state_dict(state)
+        _log_unlogged(run_id, t.history)
+        print(f"resuming run {run_id} at epoch {t.next_epoch + 1}/{t.cfg.epochs}")
+        return
+    mlflow.log_params(flatten(t.cfg))
+    mlflow.log_params({"n_train": len(sp.train[1]), "n_params": count_params(t.model),
+                       "data_digest": data.digest})
+    tracking.log_input(data)
+    tracking.log_text(to_yaml(t.cfg), "config.yaml")
+
+
+def _epoch(t: Trainer, xva: torch.Tensor, yva: torch.Tensor) -> dict[str, float]:
+    """Train one epoch and validate it; the row of the history it adds."""
+    cfg = t.cfg
+    desc = f"{cfg.stage} epoch {t.next_epoch + 1}/{cfg.epochs}"
+    tr = train_one_epoch(t.step, t.gen, t.schedule, desc=desc)
+    # A TTA run selects its epoch, steps its plateau and stops early on the accuracy it is
+    # served with, the TTA one, as the study validated with TTA.
+    va = evaluate_split(t.model, xva, yva, t.rt, tta=cfg.tta)
+    selected = va["tta"]["acc"] if cfg.tta else va["acc"]
+    t.train_seconds += tr["seconds"]
+    # Epochs count from 1 everywhere (the progress line, the step, best_epoch), and no
+    # per-epoch point sits at step 0, the step whose metrics MLflow ties to a logged model.
+    row = {"epoch": t.next_epoch + 1, "train/loss": tr["loss"], "train/acc": tr["acc"],
+           "val/loss": va["loss"], "val/acc": va["acc"],
+           "train/img_per_s": tr["img_per_s"], "lr": float(t.opt.param_groups[0]["lr"])}
+    if cfg.tta:
+        row["val/acc_tta"] = selected
+    print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
+          f"{va['loss']:.4f} acc {va['acc']:.4f}"
+          f"{f' (tta {selected:.4f})' if cfg.tta else ''} | {tr['img_per_s']:.0f} img/s",
+          flush=True)
+    return row
+
+
+def _selected(row: dict[str, float]) -> float:
+    return row.get("val/acc_tta", row["val/acc"])
+
+
+def _epochs(t: Trainer, data: fer.FerData, val: tuple[torch.Tensor, torch.Tensor],
+            ckpt: Checkpoint, on_epoch: EpochCallback | None,
+            max_epochs: int | None) -> RunState:
     """Train epochs until the run is done ("complete"), pruned ("pruned") or has trained
     ``max_epochs`` in this call ("interrupted"). A checkpoint is written at most every
     ``checkpoint_every_s`` and at every stop, and the epochs it covers are logged right after
     it: MLflow never shows an epoch that a resume would train again."""
-    cfg = t.cfg
     pending: list[dict[str, float]] = []  # epochs not yet in MLflow nor in the checkpoint
-    last_save = time.monotonic()
-    this_call = 0
+    last_save, this_call = time.monotonic(), 0
     while not t.should_stop():
         if max_epochs is not None and this_call >= max_epochs:
             return "interrupted"
-        desc = f"{cfg.stage} epoch {t.next_epoch + 1}/{cfg.epochs}"
-        tr = train_one_epoch(t.step, t.gen, t.sched if t.when == "batch" else None, desc=desc)
-        # A TTA run selects its epoch, steps its plateau and stops early on the accuracy it is
-        # served with, the TTA one, as the study validated with TTA.
-        va = evaluate_split(t.model, xva, yva, t.rt, tta=cfg.tta)
-        selected = va["tta"]["acc"] if cfg.tta else va["acc"]
-        t.train_seconds += tr["seconds"]
-        # Epochs count from 1 everywhere (the progress line, the step, best_epoch), and no
-        # per-epoch point sits at step 0, the step whose metrics MLflow ties to a logged model.
-        row = {"epoch": t.next_epoch + 1, "train/loss": tr["loss"], "train/acc": tr["acc"],
-               "val/loss": va["loss"], "val/acc": va["acc"],
-               "train/img_per_s": tr["img_per_s"], "lr": float(t.opt.param_groups[0]["lr"])}
-        if cfg.tta:
-            row["val/acc_tta"] = selected
+        row = _epoch(t, *val)
         t.history.append(row)
         pending.append(row)
-        print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
-              f"{va['loss']:.4f} acc {va['acc']:.4f}"
-              f"{f' (tta {selected:.4f})' if cfg.tta else ''} | {tr['img_per_s']:.0f} img/s",
-              flush=True)
-        if t.when == "metric":
-            t.sched.step(selected)
-        elif t.when == "epoch" and t.sched is not None:
-            t.sched.step()
+        t.schedule.after_epoch(_selected(row))
         epoch = t.next_epoch
-        stopped = t.stopper.update(selected, epoch, t.model)
+        stopped = t.stopper.update(_selected(row), epoch, t.model)
         t.next_epoch += 1
         this_call += 1
         halt = max_epochs is not None and this_call >= max_epochs
-        if stopped or halt or t.next_epoch >= cfg.epochs or on_epoch is not None or \
-                time.monotonic() - last_save >= cfg.checkpoint_every_s:
-            ckpt.save(t, data)
+        if stopped or halt or t.next_epoch >= t.cfg.epochs or on_epoch is not None or \
+                time.monotonic() - last_save >= t.cfg.checkpoint_every_s:
+            ckpt.save(t.state_dict(), t.cfg, data)
             for r in pending:
                 mlflow.log_metrics({k: v for k, v in r.items() if k != "epoch"},
                                    step=int(r["epoch"]))
@@ -257,7 +330,7 @@ def _epochs(t: Trainer, data: fer.FerData, xva: torch.Tensor, yva: torch.Tensor,
             last_save = time.monotonic()
         if on_epoch is not None:
             try:
-                on_epoch(epoch, {"val_acc": selected, "train_acc": tr["acc"]})
+                on_epoch(epoch, {"val_acc": _selected(row), "train_acc": row["train/acc"]})
             except StopRun:
                 return "pruned"
     return "complete"
@@ -274,8 +347,6 @@ def _log_unlogged(run_id: str, history: list[dict[str, float]]) -> None:
 
 
 def _check_resumable(run_id: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         run = mlflow.MlflowClient().get_run(run_id)
         status = run.info.status
@@ -286,78 +357,94 @@ def _check_resumable(run_id: str) -> None:
         raise UsageError(f"--resume {run_id}: that run is FINISHED; there is nothing to resume "
                          f"(train a new run instead).")
     owner = run.data.tags.get("owner")
-    if status == "RUNNING" and tracking.owner_alive(owner):
+    if status == "RUNNING" and owner_alive(owner):
         raise UsageError(f"--resume {run_id}: that run is still training in process "
                          f"{owner.rsplit(':', 2)[1]} on this machine; stop it first.")
 
 
-def _finish(t: Trainer, data: fer.FerData, split: Split, val: tuple[torch.Tensor, torch.Tensor],
-            test: tuple[torch.Tensor, torch.Tensor], log_model: bool) -> dict[str, Any]:
-    """Final metrics of the selected model (with and without TTA, so the toggle needs no
-    retraining) and artifacts.
+@dataclass
+class FinalScores:
+    """The selected model's final figures, in fp32 (the precision the logged model serves in),
+    with and without TTA, so the toggle needs no retraining. ``train_acc`` is the clean
+    accuracy on the train split (no augmentation, no dropout), beside ``majority_rate``, the
+    share of its largest class: a net that did not train sits at the latter, whatever its last
+    epoch's augmented accuracy said. ``y_true``/``y_pred`` are what the F1 and the figures
+    describe: test (val when the run saw no test), as the run itself is served (TTA or not)."""
 
-    They are computed in fp32, the precision the logged model serves in, whatever precision
-    trained the run. ``train_acc`` is the clean accuracy on the train split (no augmentation, no
-    dropout), beside ``majority_rate``, the share of its largest class: a net that did not
-    train sits at the latter, whatever its last epoch's augmented accuracy said."""
-    model, cfg, history, stopper = t.model, t.cfg, t.history, t.stopper
-    (xva, yva), (xte, yte) = val, test
+    metrics: dict[str, float]
+    part: str
+    rows: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    predictions: dict[str, np.ndarray]
+
+
+def final_scores(t: Trainer, sp: Splits) -> FinalScores:
     rt = copy.copy(t.rt)
     rt.bf16 = False
-    tr = evaluate_split(model, t.step.images, t.step.labels, rt)
+    (xva, yva), (xte, yte) = sp.val, sp.test
+    tr = evaluate_split(t.model, t.step.images, t.step.labels, rt)
     counts = torch.bincount(t.step.labels.cpu(), minlength=len(fer.EMOTIONS))
-    va = evaluate_split(model, xva, yva, rt, tta=True)
-    va_t = va["tta"]
-    has_test = len(yte) > 0
-    te = evaluate_split(model, xte, yte, rt, tta=True) if has_test else None
-    te_t = te["tta"] if has_test else None
-    # The run's own TTA choice decides which predictions the F1 and the figures describe.
-    ref_y, ref = (yte, te_t if cfg.tta else te) if has_test else (yva, va_t if cfg.tta else va)
+    va = evaluate_split(t.model, xva, yva, rt, tta=True)
+    te = evaluate_split(t.model, xte, yte, rt, tta=True) if len(yte) else None
+    ref, ref_y = (te, yte) if te is not None else (va, yva)
     y_true = ref_y.numpy()
-    y_pred = ref["probs"].argmax(1).numpy()
-    labels = list(range(len(fer.EMOTIONS)))
-    macro, f1s = stats.macro_f1(y_true, y_pred, len(labels))
-    metrics = {"val_acc": va["acc"], "val_acc_tta": va_t["acc"], "val_loss": va["loss"],
+    y_pred = (ref["tta"] if t.cfg.tta else ref)["probs"].argmax(1).numpy()
+    macro, f1s = stats.macro_f1(y_true, y_pred, len(fer.EMOTIONS))
+    h = t.history
+    metrics = {"val_acc": va["acc"], "val_acc_tta": va["tta"]["acc"], "val_loss": va["loss"],
                "train_acc": tr["acc"], "majority_rate": float(counts.max() / counts.sum()),
-               "macro_f1": macro, "train_seconds": t.train_seconds,
-               "epochs_run": len(history), "best_epoch": stopper.best_epoch + 1,
-               "train_img_per_s": float(np.mean([h["train/img_per_s"] for h in history])),
-               "eval_img_per_s": va["img_per_s"],
-               "train_acc_final": history[-1]["train/acc"]}
+               "macro_f1": macro, "train_seconds": t.train_seconds, "epochs_run": len(h),
+               "best_epoch": t.stopper.best_epoch + 1,
+               "train_img_per_s": float(np.mean([r["train/img_per_s"] for r in h])),
+               "eval_img_per_s": va["img_per_s"], "train_acc_final": h[-1]["train/acc"]}
     metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s) if np.isfinite(f)})
-    if has_test:
-        metrics.update({"test_acc": te["acc"], "test_acc_tta": te_t["acc"]})
+    # Per-image predictions let the ablation run paired tests between models.
+    preds = {"val": va["probs"].argmax(1).numpy().astype(np.int8),
+             "val_tta": va["tta"]["probs"].argmax(1).numpy().astype(np.int8),
+             "val_labels": yva.numpy().astype(np.int8)}
+    if te is not None:
+        metrics.update({"test_acc": te["acc"], "test_acc_tta": te["tta"]["acc"]})
+        preds.update({"test": te["probs"].argmax(1).numpy().astype(np.int8),
+                      "test_tta": te["tta"]["probs"].argmax(1).numpy().astype(np.int8),
+                      "test_labels": yte.numpy().astype(np.int8)})
+    return FinalScores(metrics, "test" if te is not None else "val",
+                       sp.split.test if te is not None else sp.split.val, y_true, y_pred, preds)
+
+
+def final_figures(t: Trainer, fs: FinalScores, data: fer.FerData) -> dict[str, Any]:
+    """The run's figures and its classification report, by artifact name."""
+    labels = list(range(len(fer.EMOTIONS)))
+    cm = confusion_matrix(fs.y_true, fs.y_pred, labels=labels)
+    return {"learning_curves.png": plots.learning_curves(t.history),
+            "confusion_matrix.png": plots.confusion(
+                cm, f"Confusion matrix, {fs.part} (rows normalised)"),
+            "classification_report.txt": classification_report(
+                fs.y_true, fs.y_pred, labels=labels, target_names=list(fer.EMOTIONS), digits=4,
+                zero_division=0),
+            "misclassified.png": plots.misclassified(data.images[fs.rows], fs.y_true,
+                                                     fs.y_pred)}
+
+
+def _finish(t: Trainer, data: fer.FerData, sp: Splits,
+            log_model: bool) -> tuple[dict[str, float], str | None]:
+    """Compute the final figures, render them, and log them (and the model) in the run."""
+    fs = final_scores(t, sp)
     model_uri = model_id = None
     if log_model:
-        info = serving.log(serving.classifier(cfg, model.state_dict()), cfg,
-                           data.images[split.val[:2]])
+        info = serving.log(serving.classifier(t.cfg, t.model.state_dict()), t.cfg,
+                           data.images[sp.split.val[:2]])
         model_uri, model_id = info.model_uri, info.model_id
         mlflow.set_tag("model_uri", model_uri)
     # Linked to the model and the data set, so the model's page shows these final figures.
-    mlflow.log_metrics(metrics, model_id=model_id, dataset=tracking.dataset(data))
-
-    part = "test" if has_test else "val"
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    tracking.log_figure(plots.learning_curves(history), "learning_curves.png")
-    tracking.log_figure(plots.confusion(cm, f"Confusion matrix, {part} (rows normalised)"),
-                        "confusion_matrix.png")
-    tracking.log_text(classification_report(y_true, y_pred, labels=labels,
-                                            target_names=list(fer.EMOTIONS), digits=4,
-                                            zero_division=0), "classification_report.txt")
-    rows = split.test if has_test else split.val
-    tracking.log_figure(plots.misclassified(data.images[rows], y_true, y_pred),
-                        "misclassified.png")
-    # Per-image predictions let the ablation run paired tests between models.
-    preds = {"val": va["probs"].argmax(1).numpy().astype(np.int8),
-             "val_tta": va_t["probs"].argmax(1).numpy().astype(np.int8),
-             "val_labels": yva.numpy().astype(np.int8)}
-    if has_test:
-        preds.update({"test": te["probs"].argmax(1).numpy().astype(np.int8),
-                      "test_tta": te_t["probs"].argmax(1).numpy().astype(np.int8),
-                      "test_labels": yte.numpy().astype(np.int8)})
-    tracking.log_npz(preds, "predictions.npz")
-    return {"model_uri": model_uri, **metrics,
-            "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta")}
+    mlflow.log_metrics(fs.metrics, model_id=model_id, dataset=tracking.dataset(data))
+    for name, item in final_figures(t, fs, data).items():
+        if isinstance(item, str):
+            tracking.log_text(item, name)
+        else:
+            tracking.log_figure(item, name)
+    tracking.log_npz(fs.predictions, "predictions.npz")
+    return fs.metrics, model_uri
 
 
 def run_name(cfg: Config, overrides: dict[str, Any]) -> str:
@@ -379,13 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_set(a.set)
     cfg = build(a.config, overrides)
     tracking.setup(a.experiment)
-    tracking.check_reachable()
-    data = fer.load(a.data)
-    fer.check_usage(data)
+    tracking.sweep_dead_runs()
+    data = fer.load_training(a.data)
     resume = a.resume or os.environ.get("MLFLOW_RUN_ID")
-    out = train(cfg, data, resume_run_id=resume, run_name=run_name(cfg, overrides))
-    keys = ("run_id", "model_uri", "val_acc", "test_acc", "val_acc_tta", "test_acc_tta")
-    print(json.dumps({k: out.get(k) for k in keys}))
+    again = ["python", "-m", "pipeline.train", "--config", a.config, "--data", a.data,
+             *(["--set", " ".join(a.set)] if a.set else []), "--resume", "RUN_ID"]
+    out = train(cfg, data, resume_run_id=resume, run_name=run_name(cfg, overrides),
+                resume_command=shlex.join(again).replace("RUN_ID", "{run_id}"))
+    print(json.dumps({"run_id": out.run_id, "model_uri": out.model_uri,
+                      **{k: out.metrics.get(k) for k in ("val_acc", "test_acc", "val_acc_tta",
+                                                         "test_acc_tta")}}))
     return 0
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,10 @@ import pytest
 from pipeline.data import EMOTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
+# The budget small tests train at: seconds per run on two cores. Tests that need more say so
+# beside it ({**TINY, "epochs": 2}).
+TINY = {"epochs": 1, "width": 0.125, "data_fraction": 0.5, "batch_size": 16, "early_stopping": 0}
+PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEV_DATA = Path(os.environ.get("FER_DEV_DATA", ROOT.parent / "shared" / "data" /
                                "fer2013-dev.csv.gz"))
 # Per class and usage: enough rows that a stratified 80/20 split has every class on both sides.
@@ -117,12 +124,42 @@ def dev_data() -> Path:
 
 
 def run_cli(module: str, *args: str, env: dict | None = None, cwd: Path | None = None):
-    import subprocess
-    import sys
-
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=e, cwd=cwd, timeout=900)
+
+
+def start_cli(module: str, *args: str, env: dict | None = None, cwd: Path | None = None,
+              merge: bool = True, drop: tuple[str, ...] = ()) -> subprocess.Popen:
+    """An entry point started in the background, its output readable line by line as it comes
+    (stderr in stdout, unless ``merge`` is False); ``env`` adds to this process's environment,
+    ``drop`` takes variables out of it."""
+    e = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=e,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True)
+
+
+def ablate_study(data: Path, study: Path, storage: str = "sqlite:///q.db", **kw):
+    """``run_ablate`` on a generated file and study file, at the smoke profile unless told."""
+    from pipeline.ablate import AblateOptions, run_ablate
+    from pipeline.study import StudyOptions
+
+    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias") if k in kw}
+    exp = kw.pop("exp", None)
+    return run_ablate(AblateOptions(StudyOptions(str(data), storage, **shared), str(study),
+                                    kw.pop("profile", "smoke"), report_dir="rep", **kw), exp)
+
+
+def tune_study(data: Path, space: Path, n_trials: int, storage: str = "sqlite:///t.db", **kw):
+    """``run_tune`` on a generated file and search file, at the smoke profile unless told."""
+    from pipeline.study import StudyOptions
+    from pipeline.tune import TuneOptions, run_tune
+
+    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias") if k in kw}
+    exp = kw.pop("exp", None)
+    return run_tune(TuneOptions(StudyOptions(str(data), storage, **shared), str(space),
+                                kw.pop("profile", "smoke"), n_trials, **kw), exp)
 
 
 _STORAGES: dict = {}
@@ -195,14 +232,9 @@ def wait_until_complete(study_name: str, storage: str, n: int = 1, timeout: floa
     raise TimeoutError(f"{study_name} had fewer than {n} complete trials after {timeout} s")
 
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
-
-
 @pytest.fixture
 def fresh_pg():
     """The URL of a new, empty PostgreSQL database, dropped after the test."""
-    import uuid
-
     import sqlalchemy
 
     eng = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT",
@@ -215,6 +247,46 @@ def fresh_pg():
     with eng.connect() as c:
         c.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    eng.dispose()
+
+
+def _pg_available() -> bool:
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(PG)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_mlflow():
+    """A fresh PostgreSQL database as the shared MLflow backend (as a tracking server would
+    use), dropped afterwards with the Optuna studies the test made."""
+    if not _pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    import mlflow
+    import optuna
+    import sqlalchemy
+
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    eng = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    uri = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("workers")  # creates the schema once, before the workers race
+    studies: list[str] = []
+    yield uri, studies
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    for st in studies:
+        try:
+            optuna.delete_study(study_name=st, storage=PG)
+        except KeyError:
+            pass
     with eng.connect() as c:
         c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     eng.dispose()

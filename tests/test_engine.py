@@ -166,3 +166,94 @@ def test_arms_with_and_without_augmentation_see_the_same_batches(stage):
         seen[augment] = step.batches
     assert len(seen[True]) == 15
     assert seen[True] == seen[False]
+
+
+# --------------------------------------------------------------------------- schedule, stopping
+
+
+def _lrs(scheduler: str, batches: int, metrics: list[float], **over) -> list[tuple[str, float]]:
+    """The lr after each call the training loop makes: ``batches`` after_batch calls per
+    epoch, then after_epoch with that epoch's metric."""
+    from pipeline.engine import build_scheduler
+
+    cfg = Config(scheduler=scheduler, epochs=len(metrics), lr=1e-3, **over)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, batches)
+    out = []
+    for m in metrics:
+        for _ in range(batches):
+            opt.step()
+            sched.after_batch()
+            out.append(("batch", opt.param_groups[0]["lr"]))
+        sched.after_epoch(m)
+        out.append(("epoch", opt.param_groups[0]["lr"]))
+    return out
+
+
+def _changes(trace: list[tuple[str, float]]) -> set[str]:
+    """Which kind of call changed the lr."""
+    return {kind for (kind, lr), (_, before) in zip(trace[1:], trace) if lr != before}
+
+
+def test_each_schedule_moves_the_lr_where_it_should():
+    flat = [0.5, 0.5, 0.5, 0.5]
+    assert _changes(_lrs("onecycle", 3, flat, onecycle_max_lr=1e-2)) == {"batch"}
+    assert _changes(_lrs("cosine", 3, flat)) == {"epoch"}
+    assert _changes(_lrs("step", 3, flat, step_size=1, step_gamma=0.5)) == {"epoch"}
+    assert _changes(_lrs("none", 3, flat)) == set()
+    # Plateau follows the metric: no cut while it improves, a cut after `patience` flat epochs.
+    rising = _lrs("plateau", 2, [0.1, 0.2, 0.3, 0.4], plateau_patience=1, plateau_factor=0.5)
+    assert {lr for _, lr in rising} == {1e-3}
+    stalled = _lrs("plateau", 2, [0.4, 0.4, 0.4, 0.4], plateau_patience=1, plateau_factor=0.5)
+    epochs = [lr for kind, lr in stalled if kind == "epoch"]
+    assert epochs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_bad_epochs():
+    from pipeline.engine import EarlyStopping
+
+    net = torch.nn.Linear(2, 1)
+    stop = EarlyStopping(patience=2)
+    seen = []
+    for epoch, acc in enumerate([0.5, 0.6, 0.6, 0.55]):
+        with torch.no_grad():
+            net.weight.fill_(epoch)
+        seen.append(stop.update(acc, epoch, net))
+    # A tie is no new best; two epochs in a row without one stop it.
+    assert seen == [False, False, False, True] and stop.stopped
+    assert (stop.best, stop.best_epoch) == (0.6, 1)
+    assert float(stop.best_state["weight"][0, 0]) == 1.0
+    again = EarlyStopping(patience=2)
+    again.load_state_dict(EarlyStopping(patience=2, best=0.6, best_epoch=1,
+                                        bad_epochs=1).state_dict())
+    assert not again.update(0.65, 2, net) and again.bad_epochs == 0 and again.best_epoch == 2
+    never = EarlyStopping(patience=0)
+    assert not any(never.update(0.1, e, net) for e in range(50)) and not never.stopped
+
+
+def test_loading_optimizer_state_keeps_the_lr_tensor_a_graph_reads():
+    """A capturable Adam reads its lr from one device tensor, which a captured graph holds on
+    to: a checkpoint's lr (another tensor once loaded) must be copied into it, not replace it.
+    A plain optimiser gets a float back."""
+    import io
+
+    from pipeline.engine import build_optimizer, load_optimizer_state
+
+    cfg = Config(optimizer="adam", lr=1e-3)
+    saved = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], capturable=True)
+    saved.param_groups[0]["lr"].fill_(3e-4)  # as a scheduler left it
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf)
+
+    def state():
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    graphed = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], capturable=True)
+    held = graphed.param_groups[0]["lr"]
+    load_optimizer_state(graphed, state())
+    assert graphed.param_groups[0]["lr"] is held and float(held) == pytest.approx(3e-4)
+    plain = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))])
+    load_optimizer_state(plain, state())
+    lr = plain.param_groups[0]["lr"]
+    assert isinstance(lr, float) and lr == pytest.approx(3e-4)

@@ -16,8 +16,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import tracking
-from tests.conftest import ROOT
+from pipeline import stores, tracking
+from tests.conftest import ROOT, start_cli
 
 BASIC = str(ROOT / "ablations/stages/basic.yaml")
 SIX_EPOCHS = "epochs=6 width=0.125 batch_size=16 checkpoint_every_s=0 device=cpu"
@@ -32,10 +32,9 @@ def _env(extra: dict | None) -> dict:
 
 
 def _start_training(data: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data", str(data),
-         "--set", SIX_EPOCHS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(env))
+    # A store of its own: the experiment id the test's store set in the environment is not in it.
+    return start_cli("pipeline.train", "--config", BASIC, "--data", data, "--set", SIX_EPOCHS,
+                     env=env, merge=False, drop=("MLFLOW_EXPERIMENT_ID",) if env else ())
 
 
 def _stop_after_epoch(p: subprocess.Popen, epoch: int) -> None:
@@ -82,7 +81,9 @@ def test_a_crashed_training_is_seen_as_failed_and_resumes(kaggle_csv, tmp_path):
     assert p.returncode == -signal.SIGSEGV
     assert _the_run().info.status == "RUNNING"
 
-    tracking.setup("tests")  # any later entry point on this machine
+    tracking.setup("tests")  # any later entry point on this machine, as it starts
+    assert _the_run().info.status == "RUNNING"  # choosing the store sweeps nothing by itself
+    assert tracking.sweep_dead_runs() == [run.info.run_id]
     after = _the_run()
     assert after.info.status == "FAILED"
     assert "died" in after.data.tags["failure"]
@@ -97,10 +98,10 @@ def test_a_live_run_on_another_process_is_not_marked_failed(tmp_path):
     tracking.setup("tests")
     with tracking.run("live"):
         rid = mlflow.active_run().info.run_id
-        assert tracking.fail_dead_runs() == []
+        assert tracking.sweep_dead_runs() == []
     assert mlflow.get_run(rid).info.status == "FINISHED"
-    assert tracking.owner_alive(tracking.owner_tag()) is True
-    assert tracking.owner_alive("another-host:1:1") is None
+    assert stores.owner_alive(stores.owner_tag()) is True
+    assert stores.owner_alive("another-host:1:1") is None
 
 
 def _free_port() -> int:
@@ -184,7 +185,7 @@ def _first_use(uri: str, barrier, storage: str | None) -> None:
     mlflow.set_tracking_uri(uri)
     barrier.wait()  # every process starts at once
     if storage:
-        from pipeline.workers import open_storage
+        from pipeline.study import open_storage
 
         open_storage(storage, 20)
     else:

@@ -88,6 +88,48 @@ def test_the_answer_is_the_network_on_normalised_pixels(folder):
     assert not np.allclose(served.probs(FACES), plain, atol=1e-4)  # TTA on: other views count
 
 
+def test_a_folder_carries_only_what_serving_imports(folder):
+    """A fresh process loads the folder with its own code first on the path, as `mlflow models
+    serve` does: every pipeline module it imports comes from the folder, and none is training,
+    study or command-line code (the folder holds no such module to import)."""
+    code = folder / "code"
+    assert {p.name for p in (code / "pipeline").glob("*.py")} == set(serving.SERVED_MODULES)
+    probe = (
+        "import json, sys, mlflow, numpy as np\n"
+        f"m = mlflow.pyfunc.load_model({str(folder)!r})\n"
+        "m.predict(np.full((2, 48, 48), 120, np.uint8))\n"
+        "import pipeline\n"
+        "print(json.dumps([pipeline.__file__, sorted(k for k in sys.modules "
+        "if k.startswith('pipeline.'))]))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                       cwd=folder.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    origin, loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(origin).parent == code / "pipeline"
+    assert {m.split(".")[1] + ".py" for m in loaded} <= set(serving.SERVED_MODULES)
+    assert "pipeline.serving" in loaded
+
+
+def test_a_folder_with_fp32_weights_as_earlier_versions_wrote_still_loads_and_exports(
+        folder, tmp_path):
+    """Folders before half-precision weights stored fp32; evaluate and export still read them,
+    and answer as the half-precision folder does (its weights are the fp32 ones rounded)."""
+    import shutil
+
+    from pipeline.export import export
+
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    weights = old / "data" / "fer" / serving.WEIGHTS
+    state = torch.load(weights, weights_only=True)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    expected = serving.load(str(folder)).probs(FACES)
+    assert np.allclose(serving.load(str(old)).probs(FACES), expected, atol=1e-6)
+    out = export(str(old), tmp_path / "new", config=str(old / "data" / "fer" / serving.CONFIG))
+    assert np.allclose(serving.load(str(out)).probs(FACES), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, needle", [
     (FACES / 255.0, "looks scaled to 0..1"),
     (FACES.astype(np.float32) / 255.0, "multiply by 255"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.serving import SERVED_MODULES
 from tests.conftest import ROOT, make_faces
 
 SHIPPED = ROOT / "models" / "improved"
@@ -22,7 +23,7 @@ def test_improved_loads_and_predicts_on_cpu():
     from pipeline.data import EMOTIONS
     from pipeline.serving import load
 
-    assert _folder_bytes(SHIPPED) < 30 * 2**20
+    assert _folder_bytes(SHIPPED) < 16 * 2**20  # half-precision weights
     model = mlflow.pyfunc.load_model(str(SHIPPED))
     images = make_faces({"Training": 1})[0][:5]  # 5 generated faces, uint8 (5, 48, 48)
     out = model.predict(images)
@@ -52,7 +53,16 @@ def test_improved_requirements_pin_what_it_needs():
     assert "torch==" in reqs and "mlflow==" in reqs
     meta = yaml.safe_load((SHIPPED / "MLmodel").read_text())
     assert meta["flavors"]["python_function"]["loader_module"] == "pipeline.serving"
-    assert (SHIPPED / "code" / "pipeline" / "serving.py").exists()
+    # The folder carries what serving imports and nothing else: no training, study or CLI code.
+    code = SHIPPED / "code" / "pipeline"
+    carried = {p.name for p in code.iterdir() if p.suffix == ".py"}
+    assert carried == set(SERVED_MODULES)
+    # In the repository they link to the package's own modules: one copy, never drifting.
+    for name in carried:
+        assert (code / name).is_symlink()
+        assert (code / name).resolve() == (ROOT / "pipeline" / name).resolve()
+    weights = torch.load(SHIPPED / "data" / "fer" / "weights.pt", weights_only=True)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
 
 
 @pytest.mark.realdata
@@ -66,5 +76,6 @@ def test_improved_scores_on_public_test_as_the_readme_says(dev_data):
     model = load(str(SHIPPED))
     acc = float((model.probs(ds.images[rows]).argmax(1) == ds.labels[rows]).mean())
     plain = float((model.probs(ds.images[rows], tta=False).argmax(1) == ds.labels[rows]).mean())
+    # Its weights are stored in half precision; fp32 weights scored 0.6893 and 0.6721.
     assert acc == pytest.approx(0.6893, abs=5e-5)
-    assert plain == pytest.approx(0.6721, abs=5e-5)
+    assert plain == pytest.approx(0.6723, abs=5e-5)

@@ -8,42 +8,45 @@ import re
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from pipeline import data as fer
 from pipeline.config import STAGES, build
 from pipeline.evaluate import run_evaluate
 from pipeline.cli import UsageError
 from pipeline.train import train
-from tests.conftest import ROOT, csv_text, make_faces, run_cli
+from tests.conftest import ROOT, TINY, csv_text, make_faces, run_cli, start_cli
 
-TINY = {"epochs": 1, "width": 0.125, "batch_size": 16, "device": "cpu"}  # resume is bit-exact on a CPU
+# The whole train split (the resume and TTA tests compare epoch by epoch); resume is bit-exact
+# on a CPU.
+TRAIN = {**TINY, "data_fraction": 1.0, "device": "cpu"}
 
 
 def stage_cfg(stage: str, **over):
-    return build(ROOT / "ablations/stages" / f"{stage}.yaml", {**TINY, **over})
+    return build(ROOT / "ablations/stages" / f"{stage}.yaml", {**TRAIN, **over})
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_one_epoch_of_every_stage(stage, kaggle_csv):
     data = fer.load(kaggle_csv)
     out = train(stage_cfg(stage), data, log_model=stage == "improved")
-    run = mlflow.get_run(out["run_id"])
+    run = mlflow.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     for key in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1",
                 "f1_happy", "train_seconds", "train_img_per_s", "eval_img_per_s"):
         assert key in m, key
-    preds = mlflow.artifacts.download_artifacts(run_id=out["run_id"],
+    preds = mlflow.artifacts.download_artifacts(run_id=out.run_id,
                                                 artifact_path="predictions.npz")
     with np.load(preds) as z:  # the final figures are those of the per-image predictions
         assert m["val_acc"] == pytest.approx(float((z["val"] == z["val_labels"]).mean()))
         assert m["test_acc_tta"] == pytest.approx(float((z["test_tta"] ==
                                                           z["test_labels"]).mean()))
     assert run.data.tags["stage"] == stage and "batchnorm=" in run.data.tags["toggles"]
-    hist = mlflow.MlflowClient().get_metric_history(out["run_id"], "val/acc")
+    hist = mlflow.MlflowClient().get_metric_history(out.run_id, "val/acc")
     assert [h.step for h in hist] == [1]  # epochs count from 1, as best_epoch does
     assert m["best_epoch"] == 1
-    arts = {f.path for f in mlflow.MlflowClient().list_artifacts(out["run_id"])}
+    arts = {f.path for f in mlflow.MlflowClient().list_artifacts(out.run_id)}
     assert {"config.yaml", "learning_curves.png", "confusion_matrix.png",
             "classification_report.txt", "misclassified.png", "predictions.npz"} <= arts
 
@@ -52,7 +55,7 @@ def test_params_have_the_same_keys_in_every_run(kaggle_csv):
     data = fer.load(kaggle_csv)
     a = train(stage_cfg("basic"), data, log_model=False)
     b = train(stage_cfg("resnet"), data, log_model=False)
-    pa, pb = (mlflow.get_run(r["run_id"]).data.params for r in (a, b))
+    pa, pb = (mlflow.get_run(r.run_id).data.params for r in (a, b))
     assert set(pa) == set(pb) and pa["stage"] != pb["stage"]
 
 
@@ -61,21 +64,21 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
     cfg = stage_cfg("advanced", epochs=3)  # plateau scheduler, augmentation, dropout
     whole = train(cfg, data, log_model=False)
     part = train(cfg, data, log_model=False, max_epochs=1)
-    assert part["state"] == "interrupted" and part["epochs_run"] == 1
+    assert part.state == "interrupted" and part.epochs_run == 1
     # Stopped early: KILLED, never FINISHED, so no worker or report takes it for done.
-    assert mlflow.get_run(part["run_id"]).info.status == "KILLED"
-    resumed = train(cfg, data, log_model=False, resume_run_id=part["run_id"])
-    assert resumed["run_id"] == part["run_id"]
+    assert mlflow.get_run(part.run_id).info.status == "KILLED"
+    resumed = train(cfg, data, log_model=False, resume_run_id=part.run_id)
+    assert resumed.run_id == part.run_id
     for k in ("val_acc", "val_acc_tta", "test_acc", "test_acc_tta", "macro_f1"):
-        assert resumed[k] == pytest.approx(whole[k], abs=0), k
+        assert resumed.metrics[k] == pytest.approx(whole.metrics[k], abs=0), k
     client = mlflow.MlflowClient()
-    h1 = [m.value for m in client.get_metric_history(whole["run_id"], "train/loss")]
-    h2 = [m.value for m in client.get_metric_history(part["run_id"], "train/loss")]
+    h1 = [m.value for m in client.get_metric_history(whole.run_id, "train/loss")]
+    h2 = [m.value for m in client.get_metric_history(part.run_id, "train/loss")]
     assert h1 == h2 and len(h1) == 3
-    assert mlflow.get_run(part["run_id"]).info.status == "FINISHED"
+    assert mlflow.get_run(part.run_id).info.status == "FINISHED"
     with pytest.raises(UsageError, match="that run is FINISHED"):
-        train(cfg, data, log_model=False, resume_run_id=part["run_id"])
-    assert len(client.get_metric_history(part["run_id"], "train/loss")) == 3  # untouched
+        train(cfg, data, log_model=False, resume_run_id=part.run_id)
+    assert len(client.get_metric_history(part.run_id, "train/loss")) == 3  # untouched
     with pytest.raises(UsageError, match="no such run"):
         train(cfg, data, log_model=False, resume_run_id="0123456789abcdef0123456789abcdef")
 
@@ -96,8 +99,8 @@ def test_resume_refuses_other_data(kaggle_csv, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text(csv_text(*make_faces(seed=1)))
     with pytest.raises(fer.DataError, match="trained on other data"):
-        train(cfg, fer.load(other), log_model=False, resume_run_id=part["run_id"])
-    assert mlflow.get_run(part["run_id"]).info.status == "KILLED"  # left as it was
+        train(cfg, fer.load(other), log_model=False, resume_run_id=part.run_id)
+    assert mlflow.get_run(part.run_id).info.status == "KILLED"  # left as it was
 
 
 def test_non_finite_loss_fails_the_run_with_a_message(kaggle_csv):
@@ -169,12 +172,12 @@ def test_evaluate_matches_training_test_accuracy_and_macro_f1(tmp_path):
     p.write_text(csv_text(images[keep], labels[keep], usage[keep]))
     data = fer.load(p)
     out = train(stage_cfg("basic"), data)
-    res = run_evaluate(out["model_uri"], str(p), "PublicTest", tta=False)
-    assert res["accuracy"] == pytest.approx(out["test_acc"], abs=1e-6)
-    assert res["macro_f1"] == pytest.approx(out["macro_f1"], abs=1e-9)
+    res = run_evaluate(out.model_uri, str(p), "PublicTest", tta=False)
+    assert res["accuracy"] == pytest.approx(out.metrics["test_acc"], abs=1e-6)
+    assert res["macro_f1"] == pytest.approx(out.metrics["macro_f1"], abs=1e-9)
     f1 = [v["f1"] for e, v in res["per_class"].items() if e != "happy"]
-    assert out["macro_f1"] == pytest.approx(float(np.mean(f1)), abs=1e-9)
-    assert "f1_happy" not in mlflow.get_run(out["run_id"]).data.metrics
+    assert out.metrics["macro_f1"] == pytest.approx(float(np.mean(f1)), abs=1e-9)
+    assert "f1_happy" not in mlflow.get_run(out.run_id).data.metrics
 
 
 def test_a_tta_run_selects_plateaus_and_stops_on_tta_val(kaggle_csv, monkeypatch):
@@ -207,19 +210,19 @@ def test_a_tta_run_selects_plateaus_and_stops_on_tta_val(kaggle_csv, monkeypatch
         cfg = stage_cfg("advanced", epochs=4, tta=use_tta, early_stopping=0, plateau_patience=0)
         out = train(cfg, data, log_model=False)
         assert calls == [use_tta] * 4
-        m = mlflow.get_run(out["run_id"]).data.metrics
+        m = mlflow.get_run(out.run_id).data.metrics
         assert m["best_epoch"] == best, use_tta
-        assert [h.value for h in client.get_metric_history(out["run_id"], "lr")] == \
+        assert [h.value for h in client.get_metric_history(out.run_id, "lr")] == \
             pytest.approx(lrs)
-        hist = client.get_metric_history(out["run_id"], "val/acc_tta")
+        hist = client.get_metric_history(out.run_id, "val/acc_tta")
         assert [h.value for h in hist] == (tta_acc if use_tta else [])
     # Early stopping with patience 1: TTA val improves until epoch 3, so all 4 epochs run (on
     # plain val, epoch 2 would have been the first bad one and the run would stop there).
     calls.clear()
     out = train(stage_cfg("advanced", epochs=4, tta=True, early_stopping=1), data,
                 log_model=False)
-    assert out["epochs_run"] == 4
-    assert mlflow.get_run(out["run_id"]).data.metrics["best_epoch"] == 3
+    assert out.epochs_run == 4
+    assert mlflow.get_run(out.run_id).data.metrics["best_epoch"] == 3
 
 
 def test_train_acc_is_the_clean_accuracy_of_the_selected_model(kaggle_csv):
@@ -231,10 +234,10 @@ def test_train_acc_is_the_clean_accuracy_of_the_selected_model(kaggle_csv):
     data = fer.load(kaggle_csv)
     cfg = stage_cfg("advanced", epochs=2, data_fraction=0.5, seed=1)
     out = train(cfg, data)
-    m = mlflow.get_run(out["run_id"]).data.metrics
+    m = mlflow.get_run(out.run_id).data.metrics
     split = make_split(data, cfg.val_fraction, cfg.split_seed)
     rows = subsample(split.train, data.labels, cfg.data_fraction, cfg.seed)
-    probs = serving.load(out["model_uri"]).probs(data.images[rows], False)
+    probs = serving.load(out.model_uri).probs(data.images[rows], False)
     assert m["train_acc"] == pytest.approx(float((probs.argmax(1) == data.labels[rows]).mean()),
                                            abs=1.5 / len(rows))
     counts = np.bincount(data.labels[rows], minlength=7)
@@ -244,14 +247,10 @@ def test_train_acc_is_the_clean_accuracy_of_the_selected_model(kaggle_csv):
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_with_its_checkpoint(kaggle_csv, tmp_path):
     import signal
-    import subprocess
-    import sys
 
-    p = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "--config",
-         str(ROOT / "ablations/stages/basic.yaml"), "--data", str(kaggle_csv), "--set",
-         "epochs=200 width=0.125 batch_size=16 checkpoint_every_s=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_cli("pipeline.train", "--config", ROOT / "ablations/stages/basic.yaml", "--data",
+                  kaggle_csv, "--set", "epochs=200 width=0.125 batch_size=16 checkpoint_every_s=0",
+                  merge=False)
     for line in p.stdout:  # the event: an epoch finished, so a checkpoint exists
         if "epoch 2/200:" in line:
             break
@@ -259,6 +258,12 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(kaggle_csv, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     run_id = re.search(r"run ([0-9a-f]{32}) is KILLED", err).group(1)
-    assert f"--resume {run_id}" in err
+    # The hint is the real command: the real config and data paths, the same overrides.
+    hint = re.search(r"continue it with `([^`]+)`", err).group(1)
+    assert hint == (f"python -m pipeline.train --config {ROOT / 'ablations/stages/basic.yaml'} "
+                    f"--data {kaggle_csv} --set 'epochs=200 width=0.125 batch_size=16 "
+                    f"checkpoint_every_s=0' --resume {run_id}")
+    kept = int(re.search(r"its checkpoint after epoch (\d+) is kept", err).group(1))
     assert mlflow.get_run(run_id).info.status == "KILLED"
-    assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+    saved = torch.load(tmp_path / "checkpoints" / f"{run_id}.pt", weights_only=False)
+    assert saved["epoch"] + 1 == kept >= 2  # what it says it kept, it kept

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,18 +15,16 @@ from optuna.trial import TrialState
 
 from pipeline.cli import UsageError
 from pipeline.config import build, flatten
-from pipeline.tune import counted, load_space, run_tune
-from tests.conftest import ROOT, freeze_mid_trial, run_cli
-from tests.test_ablate import PG, pg_mlflow  # noqa: F401  (fixture)
+from pipeline.tune import counted, load_space
+from tests.conftest import PG, ROOT, TINY, freeze_mid_trial, run_cli, start_cli, tune_study
 
-TINY = {"epochs": 2, "width": 0.125, "data_fraction": 0.5, "batch_size": 16,
-        "early_stopping": 0}
+TWO_EPOCHS = {**TINY, "epochs": 2}  # pruning needs an epoch to compare against
 
 
 def space_file(tmp_path: Path, **changes) -> Path:
     d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
     d["base"] = "basic"  # the smallest net: trials take seconds
-    d["profiles"] = {"smoke": {"set": TINY, "retrain": TINY}}
+    d["profiles"] = {"smoke": {"set": TWO_EPOCHS, "retrain": TWO_EPOCHS}}
     d.update(changes)
     p = tmp_path / f"space_{uuid.uuid4().hex[:6]}.yaml"
     p.write_text(yaml.safe_dump(d))
@@ -45,9 +40,8 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, mon
     from pipeline import tracking
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # a plain shell: the search gets its experiment
-    tracking.setup(None)
-    s = run_tune(str(kaggle_csv), str(space_file(tmp_path)), 4, "sqlite:///t.db", None,
-                 "smoke", out_dir="rep")
+    exp = tracking.setup(None)
+    s = tune_study(kaggle_csv, space_file(tmp_path), 4, out_dir="rep", exp=exp)
     assert s["n_finished"] == 4 and s["n_complete"] >= 1
     runs = trial_runs(s["study"])
     assert len(runs) == 4
@@ -68,7 +62,7 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, mon
     # ... and it is the winning trial's whole config, its budget and seed included.
     best_run = next(r for r in runs if r.data.tags["trial"] == str(s["best_trial"]))
     assert flatten(cfg) == {k: v for k, v in best_run.data.params.items() if k in flatten(cfg)}
-    assert cfg.epochs == TINY["epochs"] and cfg.width == TINY["width"]
+    assert cfg.epochs == TWO_EPOCHS["epochs"] and cfg.width == TWO_EPOCHS["width"]
     header = Path("rep/best_config.yaml").read_text().splitlines()[1]
     assert header.startswith("# Found at this budget:") and "epochs=2" in header
     for r in runs:  # a trial never evaluates the test split: no metric, no prediction
@@ -83,8 +77,7 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, mon
 
 def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
     sp = space_file(tmp_path)
-    s = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "rt", "smoke", retrain=True,
-                 retrain_seeds=2, seed=0)
+    s = tune_study(kaggle_csv, sp, 2, study_name="rt", retrain=True, retrain_seeds=2, seed=0)
     r = s["retrain"]
     assert r["seeds"] == [1, 2]  # never the search's own seed 0
     for label in ("best", "base"):
@@ -105,8 +98,7 @@ def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
     assert d["mean"] == pytest.approx(np.mean([best[k]["test_acc"] - base[k]["test_acc"]
                                                for k in (1, 2)]))
     # Run again: the finished retrains are reused, not trained twice.
-    again = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "rt", "smoke", retrain=True,
-                     retrain_seeds=2, seed=0)
+    again = tune_study(kaggle_csv, sp, 2, study_name="rt", retrain=True, retrain_seeds=2, seed=0)
     assert again["retrain"]["runs"]["best"][1]["run_id"] == best[1]["run_id"]
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="tags.study = 'rt' and tags.role LIKE "
@@ -115,19 +107,19 @@ def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
 
 def test_resume_up_to_n(kaggle_csv, tmp_path):
     sp = space_file(tmp_path)
-    first = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "resume", "smoke")
+    first = tune_study(kaggle_csv, sp, 2, study_name="resume")
     assert first["n_finished"] == 2
-    second = run_tune(str(kaggle_csv), str(sp), 3, "sqlite:///t.db", "resume", "smoke")
+    second = tune_study(kaggle_csv, sp, 3, study_name="resume")
     assert second["n_finished"] == 3
     assert sum(second["this_worker"].values()) == 1
-    again = run_tune(str(kaggle_csv), str(sp), 3, "sqlite:///t.db", "resume", "smoke")
+    again = tune_study(kaggle_csv, sp, 3, study_name="resume")
     assert sum(again["this_worker"].values()) == 0 and len(trial_runs("resume")) == 3
 
 
 def test_pruned_trial(kaggle_csv, tmp_path):
     # Every trial below 99% val accuracy after its first epoch is pruned.
     sp = space_file(tmp_path, pruner={"name": "threshold", "lower": 0.99, "n_warmup_steps": 0})
-    s = run_tune(str(kaggle_csv), str(sp), 2, "sqlite:///t.db", "prune", "smoke")
+    s = tune_study(kaggle_csv, sp, 2, study_name="prune")
     assert s["n_pruned"] == 2 and s["n_complete"] == 0
     runs = trial_runs("prune")
     assert [r.data.tags["state"] for r in runs] == ["pruned", "pruned"]
@@ -139,8 +131,7 @@ def test_failing_trial_does_not_stop_the_study(kaggle_csv, tmp_path):
     space = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())["space"]
     space["lr"] = {"type": "float", "low": 1e20, "high": 1e21, "log": True}
     space["scheduler"] = {"type": "categorical", "choices": {"plateau": {}}}  # onecycle sets its own lr
-    s = run_tune(str(kaggle_csv), str(space_file(tmp_path, space=space)), 2, "sqlite:///t.db",
-                 "fail", "smoke")
+    s = tune_study(kaggle_csv, space_file(tmp_path, space=space), 2, study_name="fail")
     assert s["n_failed"] == 2 and s["n_finished"] == 2
     st = optuna.load_study(study_name="fail", storage="sqlite:///t.db")
     assert all("loss became" in t.user_attrs["error"] for t in st.trials)
@@ -175,18 +166,15 @@ def test_unreachable_storage_and_tracking_fail_fast(kaggle_csv, tmp_path):
 
 
 def _worker(data, space, uri, name, cwd, n, extra=()):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--data", str(data),
-                             "--space", str(space), "--profile", "smoke", "--storage", PG,
-                             "--study-name", name, "--n-trials", str(n),
-                             "--experiment", "workers", *extra],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return start_cli("pipeline.tune", "--data", data, "--space", space, "--profile", "smoke",
+                     "--storage", PG, "--study-name", name, "--n-trials", n,
+                     "--experiment", "workers", *extra, env={"MLFLOW_TRACKING_URI": uri},
+                     cwd=cwd)
 
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_two_workers_finish_exactly_n(kaggle_csv, tmp_path, pg_mlflow):  # noqa: F811
+def test_two_workers_finish_exactly_n(kaggle_csv, tmp_path, pg_mlflow):
     uri, studies = pg_mlflow
     name = f"tune2-{uuid.uuid4().hex[:8]}"
     studies.append(name)
@@ -204,7 +192,7 @@ def test_two_workers_finish_exactly_n(kaggle_csv, tmp_path, pg_mlflow):  # noqa:
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_killed_worker_trial_is_retried(kaggle_csv, tmp_path, pg_mlflow):  # noqa: F811
+def test_killed_worker_trial_is_retried(kaggle_csv, tmp_path, pg_mlflow):
     uri, studies = pg_mlflow
     name = f"tunek-{uuid.uuid4().hex[:8]}"
     studies.append(name)

@@ -1,0 +1,146 @@
+"""What lies under the tracking store and the study storage: reachability with bounded HTTP
+retries, the cross-process lock on a store's first use, and which process owns a run (so a dead
+one's runs can be told from live ones). No experiment, run or model is chosen here."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import sqlalchemy
+from mlflow.exceptions import MlflowException
+
+
+# Bounds on MLflow's HTTP retries: its defaults (7 retries, 120 s timeout) hang for minutes on a
+# dead tracking server before failing. Users can still set their own in the environment.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def bound_retries() -> None:
+    for k, v in HTTP_BOUNDS.items():
+        os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _QUICK}
+    os.environ.update(_QUICK)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _is_db(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql")
+
+
+def check_reachable() -> None:
+    """Fail in seconds, before any training, when the tracking store cannot be reached."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        if _is_db(uri):
+            # MLflow's own engine retries a dead database for ~100 s; one try says enough here.
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
+            try:
+                engine.connect().close()
+            finally:
+                engine.dispose()
+        with _quick_http():
+            mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as e:  # MlflowException, OSError, sqlalchemy's and the drivers' errors
+        if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:
+            raise
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConnectionError(f"MLflow tracking store {uri} is not reachable: {msg}") from None
+
+
+def reachable() -> bool:
+    try:
+        check_reachable()
+        return True
+    except ConnectionError:
+        return False
+
+
+class TrackingLost(ConnectionError):
+    """The tracking store stopped answering in the middle of a run."""
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise first uses of a store between processes: its first client creates and migrates
+    the schema, and two doing so at once fail (a duplicate column on SQLite, a UniqueViolation
+    on PostgreSQL). A file lock beside a SQLite file; an advisory lock on PostgreSQL."""
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif uri.startswith("postgresql"):
+        key = int.from_bytes(hashlib.sha1(b"fer-pipeline first use").digest()[:7], "big")
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
+        try:
+            conn = engine.connect()
+        except Exception:
+            engine.dispose()
+            yield  # unreachable: the caller's own connection reports it
+            return
+        try:
+            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({key})"))
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({key})"))
+        finally:
+            conn.close()
+            engine.dispose()
+    else:
+        yield
+
+
+# A run records which process trains it. A process that dies without ending its run (a crash,
+# kill -9) leaves it RUNNING; an entry point's start on the same machine marks it FAILED
+# (tracking.sweep_dead_runs), so a resume, a report or a worker never takes it for a live one.
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tag() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or '?'}"
+
+
+def owner_alive(tag: str | None) -> bool | None:
+    """Whether the process named by an owner tag still runs; None when it is on another host."""
+    if not tag or tag.count(":") < 2:
+        return None
+    host, pid, start = tag.rsplit(":", 2)
+    if host != socket.gethostname():
+        return None
+    now = _start_time(int(pid))
+    if now is None:
+        return False
+    return start == "?" or now == start  # a reused pid has another start time

@@ -1,0 +1,90 @@
+"""The study engine both studies share: whole numbers from the command line, the study file's
+profiles, and a unit's outcome recorded whatever its body does."""
+
+from __future__ import annotations
+
+import argparse
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipeline import study as lifecycle
+from pipeline.errors import TrainingError, UsageError
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("3.0", 3), ("0", 0)])
+def test_whole_takes_what_mlproject_passes(text, value):
+    assert lifecycle.whole(text) == value
+
+
+@pytest.mark.parametrize("text", ["3.5", "inf", "nan", "-1", "three"])
+def test_whole_refuses_what_is_not_a_whole_number(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text).replace("'", ".")):
+        lifecycle.whole(text)
+
+
+@pytest.mark.parametrize("profiles, needle", [
+    (["quick"], "profiles must be a mapping"),
+    ({"quick": ["epochs"]}, "profile quick must be a mapping"),
+    ({"quick": {"set": {"epochz": 1}}}, "epochz"),
+    ({"full": {}}, "unknown profile 'quick'; this file has full"),
+])
+def test_a_study_file_with_bad_profiles_is_refused_in_one_line(tmp_path, profiles, needle):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"profiles": profiles}))
+    with pytest.raises(UsageError, match=needle) as e:
+        lifecycle.read_study_file(p, "study", ("profiles",), "quick")
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _claimed(n: int = 1):
+    st = optuna.create_study(storage=optuna.storages.RDBStorage("sqlite:///q.db"),
+                             direction="maximize")
+    for i in range(n):
+        st.enqueue_trial({}, user_attrs={"unit": i})
+    return st, [lifecycle.claim(st) for _ in range(n)]
+
+
+def test_a_unit_records_its_value_its_failure_or_its_pruning_and_the_study_goes_on():
+    st, (ok, bad, pruned) = _claimed(3)
+    with lifecycle.unit(st, lifecycle.trial_id(ok), 1, "ok") as out:
+        out.value = 0.75
+    assert out.state == "complete"
+    with lifecycle.unit(st, lifecycle.trial_id(bad), 1, "bad") as out:
+        raise TrainingError("the training loss became nan")
+    assert out.state == "failed" and "loss became nan" in out.reason
+    with lifecycle.unit(st, lifecycle.trial_id(pruned), 1, "pruned") as out:
+        raise optuna.TrialPruned()
+    assert out.state == "pruned"
+    by_unit = {t.user_attrs["unit"]: t for t in st.get_trials()}
+    assert by_unit[0].state == TrialState.COMPLETE and by_unit[0].value == 0.75
+    assert by_unit[1].state == TrialState.FAIL and "loss became nan" in by_unit[1].user_attrs[
+        "error"]
+    assert by_unit[2].state == TrialState.PRUNED
+    assert lifecycle.claim(st) is None  # nothing waits
+
+
+def test_a_stopped_unit_goes_back_to_the_queue_at_once_and_the_stop_goes_on_up():
+    st, (t,) = _claimed(1)
+    with pytest.raises(KeyboardInterrupt):
+        with lifecycle.unit(st, lifecycle.trial_id(t), 60, "stopped"):
+            raise KeyboardInterrupt
+    trials = st.get_trials()
+    assert [x.state for x in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["failed_trial"] == trials[0].number
+    assert [x.number for x in lifecycle.settled(st)] == [trials[1].number]  # the retry stands
+    again = lifecycle.claim(st)
+    assert again is not None and again.user_attrs["unit"] == 0
+
+
+def test_the_eta_scales_its_prediction_by_how_finished_units_compared():
+    eta = lifecycle.Eta({"a": 10.0, "b": 20.0, "c": 30.0}, scale=1.25)
+    assert eta.left(["a", "b", "c"]) == 75.0  # before any unit: the prior on top of training
+    eta.finished("a", 20.0)  # took twice its prediction
+    assert eta.left(["b", "c"]) == 100.0
+    eta.finished("b", 10.0)  # 30 s measured for 30 s predicted
+    assert eta.left(["c"]) == 30.0
+    assert [lifecycle.duration(x) for x in (42, 420, 4200, 7260)] == \
+        ["42 s", "7 min", "70 min", "2 h 01 min"]

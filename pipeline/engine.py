@@ -453,7 +453,7 @@ def measure_training(cfg: Config, seconds: float = 1.0) -> float:
     epoch. A short measurement, for estimating how long a study will take."""
     rt = Runtime(cfg)
     gen = torch.Generator().manual_seed(0)
-    n = cfg.batch_size * 4
+    n = cfg.batch_size * 2
     images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 7, (n,), generator=gen)
     model = rt.model(build_model(cfg))

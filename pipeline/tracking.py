@@ -5,7 +5,6 @@ store (locks, reachability, process liveness) is :mod:`pipeline.stores`."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
 import subprocess
@@ -113,8 +112,8 @@ def sweep_dead_runs() -> list[str]:
     return dead
 
 
-@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The checkout's commit, asked of git each time (a few ms a run): no state kept here."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"

@@ -266,4 +266,4 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(kaggle_csv, tmp_path):
     kept = int(re.search(r"its checkpoint after epoch (\d+) is kept", err).group(1))
     assert mlflow.get_run(run_id).info.status == "KILLED"
     saved = torch.load(tmp_path / "checkpoints" / f"{run_id}.pt", weights_only=False)
-    assert saved["epoch"] + 1 == kept >= 2  # what it says it kept, it kept
+    assert saved["epoch"] + 1 == kept >= 1  # what it says it kept, it kept

@@ -311,7 +311,7 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
 
     eta, began = None, time.time()
     while True:
-        optuna.storages.fail_stale_trials(st)  # dead workers' cells go back to the queue
+        lifecycle.fail_stale(st)  # dead workers' cells go back to the queue
         t = lifecycle.claim(st)
         if t is None:
             running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -35,6 +36,8 @@ import mlflow
 import optuna
 import torch
 from mlflow.exceptions import MlflowException
+from optuna.storages._rdb import models as rdb_models
+from optuna.storages._rdb.storage import _create_scoped_session as rdb_session
 from optuna.trial import FrozenTrial, TrialState
 
 from . import tracking
@@ -179,6 +182,26 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
     except Exception as e:  # sqlalchemy/psycopg2 raise many kinds; all mean the same here
         raise ConnectionError(f"Optuna storage {url} is not usable: "
                               f"{str(e).splitlines()[0][:300]}") from None
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Hand dead workers' units back to the queue. Optuna finds a trial stale only once it has
+    a heartbeat, so a worker killed between taking a trial and its first beat would hold it
+    RUNNING for ever, and the other workers would wait on it for ever. Such a trial, older than
+    the grace period and still without a beat, is given one now: if its worker is alive it
+    beats on; if not, the trial goes stale a grace period later and is retried like any other."""
+    storage = storage_of(study)
+    rdb = getattr(storage, "_backend", storage)  # the RDB storage under Optuna's cache
+    optuna.storages.fail_stale_trials(study)
+    grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 60)
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
+            continue
+        with rdb_session(rdb.scoped_session) as session:
+            unbeaten = rdb_models.TrialHeartbeatModel.where_trial_id(trial_id(t), session) is None
+        if unbeaten:
+            storage.record_heartbeat(trial_id(t))
 
 
 def settled(study: optuna.Study) -> list[FrozenTrial]:

@@ -232,7 +232,7 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
     t0 = time.time()
     mine = {"complete": 0, "pruned": 0, "failed": 0}
     while True:
-        optuna.storages.fail_stale_trials(st)
+        lifecycle.fail_stale(st)
         done = len(counted(st))
         running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         waiting = st.get_trials(deepcopy=False, states=(TrialState.WAITING,))

@@ -4,6 +4,7 @@ profiles, and a unit's outcome recorded whatever its body does."""
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timedelta
 
 import optuna
 import pytest
@@ -88,3 +89,34 @@ def test_the_eta_scales_its_prediction_by_how_finished_units_compared():
     assert eta.left(["c"]) == 30.0
     assert [lifecycle.duration(x) for x in (42, 420, 4200, 7260)] == \
         ["42 s", "7 min", "70 min", "2 h 01 min"]
+
+
+def test_a_unit_whose_worker_died_before_its_first_beat_is_retried_not_waited_on_for_ever(
+        tmp_path):
+    """Optuna never finds a trial without a heartbeat stale. The engine gives such a trial,
+    once older than the grace period, a beat; a grace period later it is stale and retried.
+    Time is moved by rewriting the stored times, not by waiting."""
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    st = optuna.create_study(storage=lifecycle.open_storage(url, heartbeat=1),
+                             direction="maximize")
+    st.enqueue_trial({}, user_attrs={"unit": 0})
+    st._storage.set_trial_state_values(st.get_trials()[0]._trial_id, TrialState.RUNNING)
+    engine = sqlalchemy.create_engine(url)
+
+    def an_hour_ago(table: str, column: str) -> None:
+        with engine.begin() as c:
+            c.execute(sqlalchemy.text(f"UPDATE {table} SET {column} = :t"),
+                      {"t": datetime.now() - timedelta(hours=1)})
+
+    lifecycle.fail_stale(st)  # just started: left alone
+    assert [t.state for t in st.get_trials()] == [TrialState.RUNNING]
+    an_hour_ago("trials", "datetime_start")  # its worker died before beating, long ago
+    lifecycle.fail_stale(st)
+    assert [t.state for t in st.get_trials()] == [TrialState.RUNNING]  # beaten for it, once
+    an_hour_ago("trial_heartbeats", "heartbeat")  # no beat since
+    lifecycle.fail_stale(st)
+    trials = st.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert lifecycle.claim(st).user_attrs["unit"] == 0  # the unit is trained again

@@ -27,7 +27,7 @@ import shlex
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -423,7 +423,6 @@ class Result:
     value: float = 0.0
     state: Outcome = "complete"
     reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Tell = Callable[[TrialState, "list[float] | None"], None]

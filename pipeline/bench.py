@@ -1,6 +1,7 @@
 """``python -m pipeline.bench``: training and evaluation images/s for every stage, data load times,
-and the plain approach (PIL + per-image torchvision transforms in a DataLoader, fp32) for the
-improved stage, so the speed-up is measured side by side."""
+the plain approach (PIL + per-image torchvision transforms in a DataLoader, fp32) for the
+improved stage, so the speed-up is measured side by side, and a served model's scoring speed
+against its bare network's forward pass, with and without TTA."""
 
 from __future__ import annotations
 
@@ -110,6 +111,44 @@ def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
                 return done / (time.perf_counter() - t0)
 
 
+def bench_inference(model_uri: str, seconds: float, n: int = 1024) -> dict[str, Any]:
+    """Images/s of a served model on the CPU, as ``evaluate`` and ``predict`` score (uint8 in,
+    probabilities out), against the bare network: its forward pass alone on tensors already
+    normalised, fp32, channels-last (the faster layout here), batches of 256. With TTA the bare
+    figure is divided by the number of views, the work TTA cannot avoid."""
+    from . import serving
+
+    model = serving.load(model_uri)
+    x8, _ = _images(None, n)
+    net = model.clf.net.eval().to(memory_format=torch.channels_last)
+    xf = (torch.from_numpy(x8).float().unsqueeze(1) / 255.0).contiguous(
+        memory_format=torch.channels_last)
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or not done:
+            fn()
+            done += n
+        return done / (time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def bare():
+        for s in range(0, n, 256):
+            net(xf[s:s + 256])
+
+    views = len(model.clf.views) if model.clf.tta else 1
+    out = {"model": model_uri, "threads": torch.get_num_threads(), "tta_views": views,
+           "bare_img_per_s": round(rate(bare), 1),
+           "scoring_img_per_s": round(rate(lambda: model.probs(x8, tta=False)), 1)}
+    out["scoring_share_of_bare"] = round(out["scoring_img_per_s"] / out["bare_img_per_s"], 3)
+    if views > 1:
+        out["scoring_tta_img_per_s"] = round(rate(lambda: model.probs(x8, tta=True)), 1)
+        out["scoring_tta_share_of_bare"] = round(
+            out["scoring_tta_img_per_s"] * views / out["bare_img_per_s"], 3)
+    return out
+
+
 def _dump_csv(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
     with open(path, "w") as fh:
         fh.write("emotion,pixels,Usage\n")
@@ -133,7 +172,7 @@ def _time_loads(data_path: str | None, tmp: Path) -> dict[str, Any]:
 
 
 def run_bench(data_path: str | None, overrides: dict, seconds: float,
-              stages: list[str]) -> dict[str, Any]:
+              stages: list[str], model_uri: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     saved = os.environ.get("FER_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,6 +195,9 @@ def run_bench(data_path: str | None, overrides: dict, seconds: float,
         plain = bench_plain(images, labels, overrides, seconds)
         out["plain_improved_train_img_per_s"] = round(plain, 1)
         out["speedup_improved"] = round(out["stages"]["improved"]["train_img_per_s"] / plain, 2)
+    if model_uri:
+        out["inference"] = bench_inference(model_uri, seconds)
+        print(f"inference  {out['inference']}", flush=True)
     rt = Runtime(build(STAGE_DIR / "improved.yaml", overrides))
     out["device"] = f"{rt.device.type}{'-bf16' if rt.bf16 else '-fp32'}" + (
         f" ({torch.cuda.get_device_name()})" if rt.device.type == "cuda" else
@@ -170,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for every stage, e.g. --set width=0.5")
+    p.add_argument("--model-uri", default=str(Path(__file__).resolve().parent.parent / "models" /
+                                              "improved"),
+                   help="a served model whose CPU scoring speed to measure ('' to skip)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    out = run_bench(a.data, parse_set(a.set), a.seconds, a.stages.split(","))
+    stages = [s for s in a.stages.split(",") if s]
+    out = run_bench(a.data, parse_set(a.set), a.seconds, stages, a.model_uri or None)
     if a.json:
         print(json.dumps(out))
     else:
@@ -182,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"improved: plain approach {out['plain_improved_train_img_per_s']} img/s, "
                   f"this pipeline {out['stages']['improved']['train_img_per_s']} img/s "
                   f"({out['speedup_improved']}x)")
+        if "inference" in out:
+            i = out["inference"]
+            line = (f"served model, {i['threads']} threads: bare network {i['bare_img_per_s']} "
+                    f"img/s, scoring {i['scoring_img_per_s']} img/s "
+                    f"({i['scoring_share_of_bare']:.0%} of bare)")
+            if "scoring_tta_img_per_s" in i:
+                line += (f", with {i['tta_views']}-view TTA {i['scoring_tta_img_per_s']} img/s "
+                         f"({i['scoring_tta_share_of_bare']:.0%} of bare per view)")
+            print(line)
     return 0
 
 

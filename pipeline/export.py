@@ -4,7 +4,6 @@ wrapper and the run's own config, so ``mlflow.pyfunc.load_model(folder)`` works 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ def example_faces(n: int = 2) -> np.ndarray:
 
 
 def export(model_uri: str, out: str | Path, force: bool = False,
-           config: str | None = None, link_code: bool = False) -> Path:
+           config: str | None = None) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it.")
@@ -62,21 +61,7 @@ def export(model_uri: str, out: str | Path, force: bool = False,
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), out)
-    if link_code:
-        _link_code(out)
     return out
-
-
-def _link_code(folder: Path) -> None:
-    """Replace the folder's copies of the serving modules with relative links to this
-    package's own: a folder kept inside the repository (``models/improved``) then never holds a
-    second, drifting copy of the code. A folder meant to travel keeps real copies."""
-    here = Path(__file__).resolve().parent
-    code = folder / "code" / "pipeline"
-    for name in serving.SERVED_MODULES:
-        target = os.path.relpath(here / name, code.resolve())
-        (code / name).unlink()
-        (code / name).symlink_to(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--config", default=None,
                    help="the config the model was trained with (default: its run's config.yaml)")
-    p.add_argument("--link-code", action="store_true",
-                   help="link the folder's code to this checkout's modules instead of copying "
-                        "them (for a folder kept in this repository, such as models/improved)")
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
-    print(export(a.model_uri, a.out, a.force, a.config, a.link_code))
+    print(export(a.model_uri, a.out, a.force, a.config))
     return 0
 
 

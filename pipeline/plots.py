@@ -138,6 +138,25 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
     return fig
 
 
+def emotions_over_time(times: np.ndarray, probs: np.ndarray, faces: np.ndarray, title: str):
+    """Each emotion's probability at each sampled moment of a video, averaged over the faces
+    found then; moments without a face are gaps, and a strip below counts the faces."""
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [4, 1]})
+    for i, e in enumerate(EMOTIONS):
+        ax.plot(times, probs[:, i], marker=".", ms=3, lw=1.2, label=e)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probability")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axn.bar(times, faces, width=(times[1] - times[0]) * 0.8 if len(times) > 1 else 0.5,
+            color="grey")
+    axn.set_ylabel("faces")
+    axn.set_xlabel("time (s)")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: Any) -> None:
     """Free a figure once it is saved or logged (pyplot keeps every open one)."""
     plt.close(fig)

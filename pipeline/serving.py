@@ -1,11 +1,22 @@
-"""The logged model: an MLflow pyfunc that takes raw face pixels as a user has them and answers
-with named emotions.
+"""The logged model: an MLflow pyfunc that takes faces as a user has them, raw pixels or photos,
+and answers with named emotions.
 
-Accepted input: integers or floats 0..255, shaped (N, 48, 48), (N, 1, 48, 48) or (N, 2304), as a
-numpy array, nested lists (the JSON of `mlflow models serve`) or a DataFrame of 2304 columns.
-Rejected, with a one-line reason: other shapes, values outside 0..255, NaN, and a float batch
-already scaled to 0..1 (it would otherwise be read as a nearly black face and answered wrongly).
-Output: a DataFrame with one probability column per emotion and the predicted ``label``.
+Two kinds of request, told apart by their form:
+
+- **Raw pixels**: integers or floats 0..255, shaped (N, 48, 48), (N, 1, 48, 48) or (N, 2304),
+  as a numpy array, nested lists (the JSON of `mlflow models serve`) or a DataFrame of 2304
+  columns. Answer: one row per face, a probability per emotion and the predicted ``label``.
+- **Photos**: a column (or key) named ``image`` holding encoded images (JPEG, PNG, BMP, WebP,
+  TIFF, GIF) as bytes or base64 text, so ``curl`` can send them. Every face in each photo is
+  found, cropped as FER2013 crops (:mod:`pipeline.faces`) and scored exactly as raw pixels are.
+  Answer: one row per face found, with the photo's index (``image``) and the face's box
+  (``x``, ``y``, ``w``, ``h``) before the probabilities; a photo with no face has no row.
+
+Refused, with a one-line reason as the 400's message and no server traceback: other shapes,
+values outside 0..255, NaN, a float batch already scaled to 0..1 (it would otherwise be read as
+a nearly black face and answered wrongly), bad base64, damaged images, and batches over the
+limits (:data:`MAX_FACES`, :data:`MAX_PHOTOS`; environment variables of the same names with a
+``FER_`` prefix change them).
 
 The folder keeps the network as a state dict (floats in half precision: the folder travels
 with every checkout, and the scores hold; see the README) beside the run's resolved config, and
@@ -15,6 +26,10 @@ imports, :data:`SERVED_MODULES`: no training, study or command-line code.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
+import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -29,21 +44,41 @@ import yaml
 from mlflow.models.signature import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from . import faces
 from .augment import tta_thetas
 from .config import EMOTIONS, from_dict, to_yaml
+from .errors import InputError
 from .models import FerClassifier, build_model
 
 # The modules a model folder carries: this one and its imports, and nothing they do not need
 # (a test loads a folder with only these on the path).
 SERVED_MODULES = ("__init__.py", "errors.py", "config.py", "augment.py", "models.py",
-                  "serving.py")
+                  "faces.py", "serving.py")
 
 WEIGHTS, CONFIG = "weights.pt", "config.yaml"
 ACCEPTED = "raw grey pixels 0..255 shaped (N, 48, 48), (N, 1, 48, 48) or (N, 2304)"
+PHOTOS = "photos as base64 text or bytes in a column (or key) named 'image'"
+IMAGE = "image"
+BOX = ("x", "y", "w", "h")
 
 
-class InputError(ValueError):
-    """A batch the model cannot read as faces."""
+def _limit(name: str, default: int) -> int:
+    raw = os.environ.get(f"FER_{name}", "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"FER_{name}={raw!r} must be a whole number of at least 1.")
+    return value
+
+
+# A request over these is refused at once rather than left to run past the server's timeout
+# (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default), after which the server would go on
+# scoring for a client that is gone. A 2-core CPU scored 4,000 faces with 4-view TTA in 54 s
+# through `mlflow models serve` (the README has the figures): 2,000 leaves room for a slower one.
+MAX_FACES = 2000
+MAX_PHOTOS = 64
 
 
 def to_pixels(batch: Any) -> torch.Tensor:
@@ -82,8 +117,73 @@ def to_pixels(batch: Any) -> torch.Tensor:
 
 def answer(probs: np.ndarray) -> pd.DataFrame:
     out = pd.DataFrame(probs.astype(np.float64), columns=list(EMOTIONS))
-    out["label"] = [EMOTIONS[i] for i in probs.argmax(1)]
+    out["label"] = [EMOTIONS[i] for i in probs.argmax(1)] if len(probs) else []
     return out
+
+
+def photos_in(batch: Any) -> list | None:
+    """The encoded photos of a request, or None when it is a raw-pixel request."""
+    if isinstance(batch, pd.DataFrame):
+        if IMAGE not in batch.columns:
+            return None
+        if len(batch.columns) != 1:
+            raise InputError(f"a photo request holds one column, {IMAGE!r}; this one also has "
+                             f"{[c for c in batch.columns if c != IMAGE][:5]}.")
+        return list(batch[IMAGE])
+    if isinstance(batch, dict) and IMAGE in batch:
+        if len(batch) != 1:
+            raise InputError(f"a photo request holds one key, {IMAGE!r}; this one also has "
+                             f"{[k for k in batch if k != IMAGE][:5]}.")
+        v = batch[IMAGE]
+        return [v] if isinstance(v, (str, bytes)) else list(np.asarray(v, dtype=object).ravel())
+    if isinstance(batch, (bytes, bytearray)):
+        return [bytes(batch)]
+    return None
+
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+
+
+def photo_bytes(value: Any, i: int) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        blob = bytes(value)
+    elif isinstance(value, str):
+        try:
+            blob = base64.b64decode(_DATA_URL.sub("", value.strip()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InputError(f"image {i}: not base64 text ({e}); send the file's bytes encoded "
+                             f"with base64, e.g. `base64 -w0 photo.jpg`.") from None
+    else:
+        raise InputError(f"image {i}: expected base64 text or bytes; got {type(value).__name__}.")
+    if not blob:
+        raise InputError(f"image {i} is empty.")
+    return blob
+
+
+def _fuse(module: torch.nn.Module) -> None:
+    """Fold each eval-mode BatchNorm into the conv or linear layer just before it."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    pairs = ((torch.nn.Conv2d, torch.nn.BatchNorm2d, fuse_conv_bn_eval),
+             (torch.nn.Linear, torch.nn.BatchNorm1d, fuse_linear_bn_eval))
+    for seq in [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            for layer, norm, fuse in pairs:
+                if type(seq[i]) is layer and type(seq[i + 1]) is norm and \
+                        seq[i + 1].track_running_stats:
+                    seq[i] = fuse(seq[i], seq[i + 1])
+                    seq[i + 1] = torch.nn.Identity()
+
+
+def fast_copy(clf: FerClassifier) -> FerClassifier:
+    """The classifier as scored on a CPU: BatchNorm folded into the layer before it and
+    channels-last weights (oneDNN's fast layout), the same function to within float rounding
+    (probabilities within 1e-5). The original stays untouched for export and training."""
+    import copy
+
+    fast = copy.deepcopy(clf).eval()
+    _fuse(fast.net)
+    return fast.to(memory_format=torch.channels_last)
 
 
 class ServedModel:
@@ -92,17 +192,53 @@ class ServedModel:
 
     def __init__(self, clf):
         self.clf = clf.eval()
+        self.fast = fast_copy(self.clf)
+
+    def probs(self, batch: Any, tta: bool | None = None) -> np.ndarray:
+        return self._scores(to_pixels(batch), tta)
 
     @torch.no_grad()
-    def probs(self, batch: Any, tta: bool | None = None, batch_size: int = 256) -> np.ndarray:
-        x = to_pixels(batch)
+    def _scores(self, x: torch.Tensor, tta: bool | None, batch_size: int = 256) -> np.ndarray:
+        # In batches: memory stays flat however many faces come.
         use = self.clf.tta if tta is None else tta
-        out = [self.clf.probs(x[s:s + batch_size], use).float().numpy()
+        out = [self.fast.probs(x[s:s + batch_size], use).float().numpy()
                for s in range(0, len(x), batch_size)]
         return np.concatenate(out)
 
+    def read_photos(self, greys: list[np.ndarray], tta: bool | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each grey photo, its face boxes (k, 4) and their probabilities (k, 7), all faces
+        scored in one batch."""
+        found = [faces.faces(g) for g in greys]
+        crops = np.concatenate([c for _, c in found])
+        probs = self.probs(crops, tta) if len(crops) else np.zeros((0, len(EMOTIONS)))
+        out, at = [], 0
+        for boxes, _ in found:
+            out.append((boxes, probs[at:at + len(boxes)]))
+            at += len(boxes)
+        return out
+
     def predict(self, model_input: Any, params: dict | None = None) -> pd.DataFrame:
-        return answer(self.probs(model_input))
+        photos = photos_in(model_input)
+        if photos is None:
+            x = to_pixels(model_input)
+            limit = _limit("MAX_FACES", MAX_FACES)
+            if len(x) > limit:
+                raise InputError(f"the batch holds {len(x)} faces; this server scores at most "
+                                 f"{limit} per request (FER_MAX_FACES): send them in parts.")
+            return answer(self._scores(x, None))
+        if not photos:
+            raise InputError("the request holds no photo.")
+        limit = _limit("MAX_PHOTOS", MAX_PHOTOS)
+        if len(photos) > limit:
+            raise InputError(f"the request holds {len(photos)} photos; this server reads at most "
+                             f"{limit} per request (FER_MAX_PHOTOS): send them in parts.")
+        greys = [faces.grey(faces.open_image(photo_bytes(v, i), f"image {i}"))
+                 for i, v in enumerate(photos)]
+        found = self.read_photos(greys)
+        rows = [(i, *b) for i, (boxes, _) in enumerate(found) for b in boxes.tolist()]
+        head = pd.DataFrame(rows, columns=[IMAGE, *BOX], dtype=np.int64)
+        return pd.concat([head, answer(np.concatenate([p for _, p in found]))], axis=1)
 
 
 def classifier(cfg, net_state: dict[str, torch.Tensor]):
@@ -124,15 +260,17 @@ def _load_pyfunc(data_path: str) -> ServedModel:
 def signature() -> ModelSignature:
     # No input schema: MLflow would enforce one dtype and one shape, and the model takes three
     # shapes in any numeric dtype; to_pixels checks the input and says what it expects.
-    return ModelSignature(outputs=Schema([ColSpec("double", e) for e in EMOTIONS] +
-                                         [ColSpec("string", "label")]))
+    # The photo columns come only with a photo request, so they are optional.
+    return ModelSignature(outputs=Schema(
+        [ColSpec("long", c, required=False) for c in (IMAGE, *BOX)] +
+        [ColSpec("double", e) for e in EMOTIONS] + [ColSpec("string", "label")]))
 
 
 def _requirements() -> list[str]:
     # Stated, not inferred: inference loads the model in a subprocess and takes a minute.
     pins = [f"torch=={torch.__version__.split('+')[0]}"]
     return pins + [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pyyaml", "scikit-learn",
-                                                   "pandas")]
+                                                   "pandas", "pillow", "opencv-python-headless")]
 
 
 def _half(t: torch.Tensor) -> torch.Tensor:
@@ -162,7 +300,9 @@ def _kwargs(example: np.ndarray, tmp: Path) -> dict[str, Any]:
     return dict(loader_module="pipeline.serving", code_paths=[str(_code(tmp))],
                 signature=signature(), input_example=np.asarray(example, dtype=np.uint8),
                 pip_requirements=_requirements(),
-                metadata={"input": ACCEPTED, "output": "a probability per emotion and label",
+                metadata={"input": f"{ACCEPTED}; or {PHOTOS}",
+                          "output": "a probability per emotion and label (per face found, with "
+                                    "its photo's index and box, for photos)",
                           "emotions": list(EMOTIONS)})
 
 

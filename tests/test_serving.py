@@ -23,7 +23,7 @@ from pipeline import serving
 from pipeline.config import Config
 from pipeline.data import EMOTIONS
 from pipeline.models import build_model
-from tests.conftest import make_faces
+from tests.conftest import ROOT, make_faces
 
 FACES = make_faces({"Training": 1})[0][:4]  # uint8 (4, 48, 48)
 
@@ -56,8 +56,10 @@ def test_output_is_named_emotions_and_a_label(model, folder):
     assert list(out.columns) == [*EMOTIONS, "label"]
     assert np.allclose(_probs(out).sum(1), 1, atol=1e-5)
     assert list(out["label"]) == [EMOTIONS[i] for i in _probs(out).argmax(1)]
-    outputs = model.metadata.get_output_schema().input_names()
-    assert outputs == [*EMOTIONS, "label"]
+    schema = model.metadata.get_output_schema()
+    assert schema.input_names() == ["image", "x", "y", "w", "h", *EMOTIONS, "label"]
+    # The photo's index and the face's box come only with a photo request.
+    assert [c.required for c in schema.inputs] == [False] * 5 + [True] * 8
 
 
 @pytest.mark.parametrize("form", ["uint8 (N,48,48)", "uint8 (N,1,48,48)", "uint8 (N,2304)",
@@ -164,8 +166,8 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_a_real_request(model, folder):
+def _serve(folder: Path):
+    """`mlflow models serve` on a folder, on loopback; yields its /invocations URL."""
     port = _free_port()
     bindir = Path(sys.executable).parent
     # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH (activated).
@@ -186,16 +188,124 @@ def test_mlflow_models_serve_answers_a_real_request(model, folder):
                 if time.time() > deadline:
                     raise TimeoutError("mlflow models serve did not come up")
                 time.sleep(0.5)
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"inputs": FACES[:2].reshape(2, -1).tolist()})
-        assert status == 200, body
-        rows = body["predictions"]
-        assert [r["label"] for r in rows] == list(model.predict(FACES[:2])["label"])
-        assert np.allclose([[r[e] for e in EMOTIONS] for r in rows],
-                           _probs(model.predict(FACES[:2])), atol=1e-6)
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"inputs": (FACES[:1] / 255.0).tolist()})
-        assert status >= 400 and "multiply by 255" in json.dumps(body)
+        yield f"http://127.0.0.1:{port}/invocations"
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    yield from _serve(folder)
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """The README's serving example: the shipped folder, served as it is in the repository."""
+    yield from _serve(ROOT / "models" / "improved")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_real_request(model, server):
+    status, body = _post(server, {"inputs": FACES[:2].reshape(2, -1).tolist()})
+    assert status == 200, body
+    rows = body["predictions"]
+    assert [r["label"] for r in rows] == list(model.predict(FACES[:2])["label"])
+    assert np.allclose([[r[e] for e in EMOTIONS] for r in rows],
+                       _probs(model.predict(FACES[:2])), atol=1e-6)
+
+
+def _photo_b64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+    skimage_data = pytest.importorskip("skimage.data")
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buf, "JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["inputs", "dataframe_records", "dataframe_split"])
+def test_the_shipped_model_served_answers_a_photo_per_face(shipped_server, form):
+    import pandas as pd
+
+    b64 = _photo_b64()
+    payload = {"inputs": {"image": [b64]},
+               "dataframe_records": [{"image": b64}],
+               "dataframe_split": {"columns": ["image"], "data": [[b64]]}}[form]
+    status, body = _post(shipped_server, {form: payload})
+    assert status == 200, body
+    [row] = body["predictions"]
+    assert row["label"] == "happy"  # the astronaut smiles broadly
+    shipped = mlflow.pyfunc.load_model(str(ROOT / "models" / "improved"))
+    expected = shipped.predict(pd.DataFrame({"image": [b64]})).iloc[0]
+    assert [row[k] for k in ("image", "x", "y", "w", "h")] == \
+        [int(expected[k]) for k in ("image", "x", "y", "w", "h")]
+    assert np.allclose([row[e] for e in EMOTIONS], expected[list(EMOTIONS)].to_numpy(float),
+                       atol=1e-6)
+
+
+# Each refused request, and words its answer must hold: the model's own reason (or MLflow's,
+# for a body MLflow cannot parse), never a server traceback.
+REFUSED = [
+    ({"inputs": (FACES[:1] / 255.0).tolist()}, "multiply by 255"),
+    ({"inputs": [[300] * 2304]}, "must lie in 0..255"),
+    ({"inputs": [[-1] * 2304]}, "must lie in 0..255"),
+    ({"inputs": [[1e30] * 2304]}, "must lie in 0..255"),
+    ({"inputs": [["a"] * 2304]}, "got values of type"),
+    ({"inputs": [[True] * 2304]}, "got values of type"),
+    ({"inputs": [[None] * 2304]}, "got values of type"),
+    ({"inputs": []}, "got shape (0,)"),
+    ({"inputs": [[]]}, "got shape (1, 0)"),
+    ({"inputs": 7}, "got shape ()"),
+    ({"inputs": FACES[:1, :40].tolist()}, "got shape (1, 40, 48)"),
+    ({"inputs": {"pixels": [[1, 2]]}}, "got shape (1, 2)"),
+    ({"inputs": {"image": ["%%%"]}}, "image 0: not base64 text"),
+    ({"inputs": {"image": ["aGVsbG8="]}}, "image 0: not an image this reads"),
+    ({"dataframe_records": [{"image": "aGVsbG8="}]}, "image 0: not an image this reads"),
+    ({"dataframe_split": {"columns": ["a"], "data": [[1, 2]]}}, ""),
+]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_refuses_with_the_models_reason_and_no_traceback(server):
+    for payload, needle in REFUSED:
+        status, body = _post(server, payload)
+        assert status == 400, (payload, body)
+        assert needle in body.get("message", ""), (needle, body)
+        assert "stack_trace" not in body and "Traceback" not in json.dumps(body), body
+    status, _ = _post(server, {"inputs": FACES[:1].tolist()})
+    assert status == 200  # and it goes on serving
+
+
+@pytest.mark.parametrize("stage", ["basic", "batchnorm", "resnet", "advanced", "improved"])
+def test_the_fast_scoring_copy_computes_what_the_trained_network_does(stage):
+    """Scoring folds BatchNorm into the layer before it and uses channels-last weights; with
+    running statistics far from the identity, that must change nothing but float rounding, for
+    every stage's network, and leave the original (which export reads) untouched."""
+    from pipeline.config import STAGE_DIR, build
+
+    torch.manual_seed(0)
+    cfg = build(STAGE_DIR / f"{stage}.yaml", {"width": 0.25})
+    net = build_model(cfg)
+    for m in net.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    clf = serving.classifier(cfg, net.state_dict())
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    fast = serving.fast_copy(clf)
+    folded = sum(isinstance(m, torch.nn.Identity) for m in fast.net.modules())
+    assert folded >= (0 if stage == "basic" else 2)
+    x = torch.from_numpy(make_faces({"Training": 2})[0][:9, None].astype(np.float32))
+    with torch.no_grad():
+        for tta in (False, True):
+            assert np.allclose(fast.probs(x, tta).numpy(), clf.probs(x, tta).numpy(),
+                               atol=1e-5)
+    after = clf.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                 for k in before)

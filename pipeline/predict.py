@@ -1,0 +1,361 @@
+"""``python -m pipeline.predict``: the emotion of every face in photos, folders of photos and
+videos, through any logged model exactly as it is served (its own TTA views included).
+
+One JSON line per photo, or per sampled video frame, on standard output (or ``--out``)::
+
+    {"file": "group.jpg", "faces": [{"box": [x, y, w, h], "label": "happy",
+                                     "probs": {"angry": 0.01, ...}}]}
+
+A video's lines add ``frame`` and ``time`` (seconds). A photo with no face gets ``"faces": []``
+and a line on standard error saying so. ``--annotate DIR`` writes each photo (and each sampled
+frame with a face) with its boxes and labels drawn; a video also gets a plot of each emotion's
+probability over time. A file that cannot be read is one line on standard error naming it, and
+the other files still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from . import faces, plots, serving
+from .cli import parser, run_main
+from .config import EMOTIONS
+from .errors import InputError, UsageError
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+# FFmpeg prints its own complaints about a damaged video; the one-line error says it instead.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "improved")
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often a video is sampled: every ``n`` frames, or every ``seconds``."""
+    n: int = 0
+    seconds: float = 0.0
+
+    def step(self, fps: float, path: Path) -> int:
+        if self.n:
+            return self.n
+        if not fps > 0:
+            raise InputError(f"{path}: the video states no frame rate, so --every "
+                             f"{self.seconds:g}s cannot be turned into frames; give --every as "
+                             f"a number of frames, e.g. --every 25.")
+        return max(1, round(self.seconds * fps))
+
+
+def every(text: str) -> Every:
+    t = text.strip().lower()
+    try:
+        if t.endswith("s"):
+            v = float(t[:-1])
+            if v > 0 and np.isfinite(v):
+                return Every(seconds=v)
+        else:
+            v = int(t)
+            if v >= 1:
+                return Every(n=v)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of frames (e.g. 10) "
+                                     f"or seconds with an s (e.g. 0.5s)")
+
+
+@dataclass
+class Tally:
+    photos: int = 0
+    videos: int = 0
+    frames: int = 0
+    faces: int = 0
+    failed: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _kind(path: Path) -> str:
+    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "photo"
+
+
+def gather(inputs: list[str]) -> tuple[list[tuple[Path, Path]], int]:
+    """(file, its name under --annotate) for every input, folders walked in name order; and how
+    many files in folders were skipped as neither photo nor video. Refuses missing paths, empty
+    folders and anything that is neither a regular file nor a folder, before any work."""
+    out: list[tuple[Path, Path]] = []
+    skipped = 0
+    for raw in inputs:
+        p = Path(raw)
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            raise UsageError(f"{p}: no such file or folder.") from None
+        except OSError as e:
+            raise UsageError(f"{p}: cannot be read ({e.strerror}).") from None
+        if stat.S_ISDIR(mode):
+            found = [f for f in sorted(p.rglob("*")) if f.is_file()]
+            media = [f for f in found if f.suffix.lower() in PHOTO_SUFFIXES | VIDEO_SUFFIXES]
+            if not media:
+                raise UsageError(f"{p}: no photo or video in this folder (looked for "
+                                 f"{', '.join(sorted(PHOTO_SUFFIXES | VIDEO_SUFFIXES))}).")
+            skipped += len(found) - len(media)
+            out += [(f, Path(p.name) / f.relative_to(p)) for f in media]
+        elif stat.S_ISREG(mode):
+            out.append((p, Path(p.name)))
+        else:
+            raise UsageError(f"{p}: not a regular file or a folder; give photos, videos or "
+                             f"folders of them.")
+    return out, skipped
+
+
+def _face_records(boxes: np.ndarray, probs: np.ndarray) -> list[dict]:
+    return [{"box": [int(v) for v in b], "label": EMOTIONS[int(p.argmax())],
+             "probs": {e: round(float(v), 4) for e, v in zip(EMOTIONS, p)}}
+            for b, p in zip(boxes, probs)]
+
+
+def draw(rgb: np.ndarray, boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """The photo with each face's box and its label (and probability) drawn on it."""
+    import cv2
+
+    img = np.ascontiguousarray(rgb).copy()
+    side = max(img.shape[:2])
+    thick = max(1, round(side / 400))
+    scale = max(0.4, side / 1400)
+    for (x, y, w, h), p in zip(boxes.tolist(), probs):
+        k = int(p.argmax())
+        text = f"{EMOTIONS[k]} {p[k]:.0%}"
+        cv2.rectangle(img, (x, y), (x + w, y + h), (255, 220, 0), thick)
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        ty = y - 4 if y - th - base - 4 >= 0 else y + h + th + 4
+        cv2.rectangle(img, (x, ty - th - base), (x + tw + 4, ty + base), (255, 220, 0), -1)
+        cv2.putText(img, text, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick,
+                    cv2.LINE_AA)
+    return img
+
+
+def _save_rgb(rgb: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+def _annotated_name(name: Path) -> Path:
+    keep = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    return name if name.suffix.lower() in keep else name.with_suffix(".png")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror}).") from None
+
+
+def photo(model: serving.ServedModel, path: Path, name: Path, annotate: Path | None,
+          tta: bool | None) -> dict:
+    im = faces.open_image(_read_bytes(path), str(path))
+    [(boxes, probs)] = model.read_photos([faces.grey(im)], tta)
+    if annotate is not None:
+        _save_rgb(draw(np.asarray(im.convert("RGB")), boxes, probs),
+                  annotate / _annotated_name(name))
+    return {"file": str(path), "faces": _face_records(boxes, probs)}
+
+
+def video(model: serving.ServedModel, path: Path, name: Path, annotate: Path | None,
+          plot_dir: Path, how: Every, tta: bool | None, bar: bool) -> Iterator[dict]:
+    """One record per sampled frame; the emotions-over-time plot once the video ends."""
+    import cv2
+
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: cannot be read (permission denied).")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise InputError(f"{path}: not a video this reads (OpenCV could not open it; expected "
+                         f"{', '.join(sorted(VIDEO_SUFFIXES))}).")
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        step = how.step(fps, path)
+        times, means, counts = [], [], []
+        index = 0
+        with tqdm(total=total or None, desc=path.name, unit="frame", leave=False,
+                  disable=None if bar else True) as progress:
+            while cap.grab():
+                if index % step == 0:
+                    ok, frame = cap.retrieve()
+                    if not ok:
+                        break
+                    g = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+                    [(boxes, probs)] = model.read_photos([g], tta)
+                    t = index / fps if fps > 0 else float(index)
+                    times.append(t)
+                    counts.append(len(boxes))
+                    means.append(probs.mean(0) if len(boxes) else np.full(len(EMOTIONS),
+                                                                          np.nan))
+                    if annotate is not None and len(boxes):
+                        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                        _save_rgb(draw(rgb, boxes, probs),
+                                  annotate / name.with_suffix("") / f"frame_{index:06d}.jpg")
+                    rec = {"file": str(path), "frame": index}
+                    if fps > 0:
+                        rec["time"] = round(t, 3)
+                    rec["faces"] = _face_records(boxes, probs)
+                    yield rec
+                index += 1
+                progress.update(1)
+    finally:
+        cap.release()
+    if index == 0:
+        raise InputError(f"{path}: no frame could be read (a damaged or unsupported video).")
+    fig = plots.emotions_over_time(np.array(times), np.array(means), np.array(counts),
+                                   f"{path.name}: emotions over time (mean over faces), "
+                                   f"every {step} frame{'s' if step > 1 else ''}")
+    out = plot_dir / f"{name.with_suffix('')}.emotions.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plots.close(fig)
+    print(f"{path}: {len(times)} frames sampled of {index}; emotions over time in {out}",
+          file=sys.stderr)
+
+
+def run_predict(inputs: list[str], model_uri: str, sink: IO[str], annotate: str | None = None,
+                plots_dir: str | None = None, how: Every = Every(seconds=1.0),
+                tta: bool | None = None, bar: bool = True) -> Tally:
+    files, skipped = gather(inputs)
+    model = load(model_uri)
+    ann = Path(annotate) if annotate else None
+    plot_dir = Path(plots_dir) if plots_dir else (ann or Path("."))
+    tally = Tally(skipped=skipped)
+    photos = [f for f in files if _kind(f[0]) == "photo"]
+    with tqdm(total=len(photos), desc="photos", unit="photo", leave=False,
+              disable=None if bar and len(photos) > 1 else True) as progress:
+        for path, name in files:
+            try:
+                if _kind(path) == "video":
+                    for rec in video(model, path, name, ann, plot_dir, how, tta, bar):
+                        tally.frames += 1
+                        tally.faces += len(rec["faces"])
+                        sink.write(json.dumps(rec) + "\n")
+                    tally.videos += 1
+                else:
+                    rec = photo(model, path, name, ann, tta)
+                    tally.photos += 1
+                    tally.faces += len(rec["faces"])
+                    if not rec["faces"]:
+                        progress.write(f"{path}: no face found", file=sys.stderr)
+                    sink.write(json.dumps(rec) + "\n")
+                    progress.update(1)
+            except InputError as e:
+                tally.failed.append(str(path))
+                progress.write(f"error: {e}", file=sys.stderr)
+            sink.flush()
+    return tally
+
+
+def load(model_uri: str) -> serving.ServedModel:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import DEFAULT_TRACKING_URI
+
+    if not Path(model_uri).is_dir() and "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    try:
+        return serving.load(model_uri)
+    except (MlflowException, OSError, KeyError, RuntimeError) as e:
+        raise UsageError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. "
+                         f"Expected a model folder or a URI printed by `pipeline.train`, e.g. "
+                         f"models:/m-... or runs:/<run_id>/<stage>.") from None
+
+
+class _Kept:
+    """A sink that also keeps what it wrote, for the MLflow run of `mlflow run . -e predict`."""
+
+    def __init__(self, sink: IO[str]):
+        self.sink, self.parts = sink, []
+
+    def write(self, text: str) -> None:
+        self.sink.write(text)
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
+    """Under `mlflow run` the run is already chosen: it gets the inputs, counts, the JSON lines,
+    the annotated photos and the plots."""
+    import mlflow
+
+    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+        mlflow.set_tag("stage", "predict")
+        mlflow.log_metrics({"photos": tally.photos, "videos": tally.videos,
+                            "frames": tally.frames, "faces": tally.faces,
+                            "unreadable_files": len(tally.failed)})
+        mlflow.log_text(lines, "predictions.jsonl")
+        for folder in {d for d in (a.annotate, a.plots) if d and Path(d).is_dir()}:
+            mlflow.log_artifacts(folder, Path(folder).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Find every face in photos, folders and videos and name its emotion.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="photos (JPEG, PNG, BMP, WebP, TIFF, GIF), videos, or folders of them")
+    p.add_argument("--model-uri", default=DEFAULT_MODEL,
+                   help="any logged model (models:/m-..., runs:/RUN/STAGE) or model folder")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl",
+                   help="write the JSON lines here instead of standard output")
+    p.add_argument("--annotate", default=None, metavar="DIR",
+                   help="write each photo, and each sampled video frame with a face, with its "
+                        "boxes and labels drawn")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="where a video's emotions-over-time plot goes (default: --annotate's "
+                        "folder, else the current one)")
+    p.add_argument("--every", type=every, default=Every(seconds=1.0), metavar="N|Ts",
+                   help="sample videos every N frames, or every T seconds (e.g. 0.5s)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the model's TTA views (default: as the model is served)")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    sink = open(a.out, "w") if a.out else sys.stdout
+    kept = _Kept(sink) if os.environ.get("MLFLOW_RUN_ID") else sink
+    try:
+        tally = run_predict(a.inputs, a.model_uri, kept, a.annotate, a.plots, a.every, a.tta)
+    finally:
+        if a.out:
+            sink.close()
+    if isinstance(kept, _Kept):
+        _log_to_run(a, tally, kept.text())
+    parts = [f"{tally.photos} photo{'s' * (tally.photos != 1)}"] \
+        if tally.photos or not tally.videos else []
+    if tally.videos:
+        parts.append(f"{tally.videos} video{'s' * (tally.videos != 1)} "
+                     f"({tally.frames} frames sampled)")
+    msg = f"{', '.join(parts)}: {tally.faces} face{'s' * (tally.faces != 1)} in " \
+          f"{time.perf_counter() - t0:.1f} s"
+    if tally.skipped:
+        msg += f"; {tally.skipped} other file{'s' * (tally.skipped != 1)} in folders skipped"
+    if tally.failed:
+        msg += f"; {len(tally.failed)} file{'s' * (len(tally.failed) != 1)} could not be read"
+    print(msg, file=sys.stderr)
+    if tally.failed:
+        return 2 if not (tally.photos or tally.videos) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -36,6 +36,7 @@ from .config import TOGGLES, Config, build, coerce, config_path
 from .errors import ConfigError, UsageError
 from .engine import measure_training
 from .models import supports_residual
+from .stores import first_use_lock
 from .study import StudyOptions, find_run, storage_of, trial_id
 from .train import RunResult, train
 
@@ -496,6 +497,23 @@ def report(st: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
     return text
 
 
+def report_once(st: optuna.Study, s: StudyPlan, out_dir: Path, storage: str) -> str:
+    """The report, built by one of the workers that find the queue empty at the same time:
+    the first builds it and notes the units it covers on the parent; the others, finding that
+    note, leave it as it is (two builds gave each effect metric two history points)."""
+    parent = st.user_attrs["parent_run_id"]
+    with first_use_lock(storage):
+        units = str(sum(t.state.is_finished() for t in lifecycle.settled(st)))
+        client = mlflow.MlflowClient()
+        if client.get_run(parent).data.tags.get("report_units") == units:
+            print(f"the report of these {units} units was built by another worker; it is on "
+                  f"the parent run {parent}", flush=True)
+            return ""
+        text = report(st, s, out_dir)
+        client.set_tag(parent, "report_units", units)
+    return text
+
+
 CELL_GUIDE = ("A cell named after a stage (`advanced`) trains that stage as the study describes "
               "it; `<reference> -T` is the reference with toggle T taken out (leave one out), "
               "`<reference> +T` with T put in where the reference lacks it; `<base> +T` is the "
@@ -575,7 +593,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
     if any(h.returncode != 0 for h in helpers):
         for k, v in work(opened.study, s, data, o.study.heartbeat).items():
             out[k] += v
-    out["report"] = report(opened.study, s, Path(o.report_dir))
+    out["report"] = report_once(opened.study, s, Path(o.report_dir), o.study.storage)
     lifecycle.finish_parent(opened.parent, opened.entry_run)
     if o.study.register:
         out["registered"] = lifecycle.register(f"tags.study = '{name}'", o.study.register,
@@ -633,12 +651,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads or worker_threads(a.jobs))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v}
+    profile = lifecycle.resolve_profile(a.profile)
+    load_study(a.study, profile, a.seeds or None, budget)  # a bad file: before any store
     exp = tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     try:
-        out = run_ablate(AblateOptions(lifecycle.options(a), a.study,
-                                       lifecycle.resolve_profile(a.profile), a.seeds or None,
+        out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds or None,
                                        budget, a.report_dir, a.jobs, a.log_models or None,
                                        a.report), exp)
     except KeyboardInterrupt:

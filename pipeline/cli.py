@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -12,6 +13,31 @@ from typing import Callable
 
 from .errors import EXPECTED, UsageError, TrainingError  # noqa: F401 (imported from here too)
 from .stores import bound_retries
+
+
+def whole(text: str) -> int:
+    """A whole number from the command line; MLproject passes "3.0", which is one, and 3.5 is
+    refused with one line instead of being cut to 3."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not math.isfinite(v) or v != int(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return int(v)
+
+
+def share(text: str) -> float:
+    """A share strictly between 0 and 1 (a fraction of the rows)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") \
+            from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (both excluded), "
+                                         f"got {text!r}")
+    return v
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ Unknown keys, wrong types and values outside a key's choices are errors that lis
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -87,12 +88,26 @@ class Config:
 
 _CHOICES = {"stage": STAGES, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
             "normalize": NORMALIZE, "precision": PRECISIONS}
-_RANGES = {"epochs": (1, None), "batch_size": (1, None), "eval_batch_size": (0, None),
-           "lr": (0, None), "width": (0, None), "data_fraction": (0, 1),
-           "val_fraction": (0, 1), "conv_dropout": (0, 1), "fc_dropout": (0, 1),
-           "label_smoothing": (0, 1), "grad_clip": (0, None), "early_stopping": (0, None),
-           "plateau_factor": (0, 1), "plateau_patience": (0, None), "step_size": (1, None),
-           "onecycle_pct_start": (0, 1), "cosine_floor": (0, 1)}
+# The values each numeric key may take, as torch and numpy accept them, so a bad value is one
+# line here and not a traceback from an optimiser's constructor: (low, high, low_open,
+# high_open), None for no bound. Every float must also be finite.
+_RANGES = {"epochs": (1, None, False, False), "batch_size": (1, None, False, False),
+           "eval_batch_size": (0, None, False, False), "lr": (0, None, True, False),
+           "width": (0, None, True, False), "data_fraction": (0, 1, True, False),
+           "val_fraction": (0, 1, False, False), "conv_dropout": (0, 1, False, False),
+           "fc_dropout": (0, 1, False, False), "label_smoothing": (0, 1, False, False),
+           "grad_clip": (0, None, False, False), "early_stopping": (0, None, False, False),
+           "plateau_factor": (0, 1, True, True), "plateau_patience": (0, None, False, False),
+           "step_size": (1, None, False, False), "onecycle_pct_start": (0, 1, True, True),
+           "cosine_floor": (0, 1, False, False), "momentum": (0, 1, False, True),
+           "weight_decay": (0, None, False, False), "min_lr": (0, None, False, False),
+           "onecycle_max_lr": (0, None, True, False), "step_gamma": (0, None, True, False),
+           "split_seed": (0, 2**32 - 1, False, False), "seed": (0, 2**32 - 1, False, False),
+           "rotation": (0, 180, False, False), "translate": (0, 1, False, False),
+           "scale_min": (0, None, True, False), "scale_max": (0, None, True, False),
+           "brightness": (0, 1, False, False), "contrast": (0, 1, False, False),
+           "tta_rotation": (0, 180, False, False), "tta_translate": (0, 1, False, False),
+           "checkpoint_every_s": (0, None, False, False)}
 _TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -121,14 +136,17 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
                           f"{want.__name__}.")
     if want is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}={value!r} is not a finite number.")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{source}: {key}={value!r} is not valid; choose one of "
                           f"{', '.join(_CHOICES[key])}.")
     if key in _RANGES:
-        lo, hi = _RANGES[key]
-        inclusive_lo = key not in ("lr", "width", "data_fraction")
-        if (value < lo if inclusive_lo else value <= lo) or (hi is not None and value > hi):
-            rng = f"{'[' if inclusive_lo else '('}{lo}, {hi if hi is not None else 'inf'}]"
+        lo, hi, lo_open, hi_open = _RANGES[key]
+        if (value <= lo if lo_open else value < lo) or \
+                (hi is not None and (value >= hi if hi_open else value > hi)):
+            rng = (f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
+                   f"{')' if hi_open or hi is None else ']'}")
             raise ConfigError(f"{source}: {key}={value!r} is out of range; expected {rng}.")
     return value
 
@@ -162,13 +180,24 @@ def load_yaml(path: str | Path, what: str = "config", error: type[Exception] = C
     try:
         d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML ({e}).") from None
+        raise error(f"{p}: not valid YAML{_yaml_where(e)}.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{p}: cannot be read ({getattr(e, 'strerror', None) or e}).") from None
     if not isinstance(d, dict):
         raise error(f"{p}: expected a mapping of {what} keys, got {type(d).__name__}.")
     unknown = sorted(set(d) - set(keys)) if keys is not None else []
     if unknown:
         raise error(f"{p}: unknown key {unknown[0]!r}. Valid keys: {', '.join(sorted(keys))}.")
     return d
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """`` at line 3, column 7: mapping values are not allowed here``: the one line of a YAML
+    error that says where and what (PyYAML's own message spans several, with the text)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return (f" at line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None
+            else f": {what}")
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import stat
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -126,7 +129,14 @@ def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
     if not p.exists():
         raise DataError(f"{p}: no such file or folder. Expected Kaggle's fer2013.csv (plain or "
                         f".gz), icml_face_data.csv, or an image folder with train/ and test/.")
-    digest = content_digest(p)
+    if not (stat.S_ISREG(p.stat().st_mode) or p.is_dir()):
+        # A FIFO or a device would block or never end; only files and folders are data.
+        raise DataError(f"{p}: not a regular file or a folder; expected Kaggle's fer2013.csv "
+                        f"(plain or .gz), icml_face_data.csv, or an image folder.")
+    try:
+        digest = content_digest(p)
+    except OSError as e:
+        raise DataError(f"{e.filename or p}: cannot be read ({e.strerror or e}).") from None
     cpath = _cache_path(digest)
     if use_cache and cpath.exists():
         hit = _read_cache(cpath)
@@ -136,8 +146,15 @@ def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
     if use_cache:
         try:
             _write_cache(cpath, images, labels, usage)
-        except OSError:
-            pass  # a read-only cache location only costs speed
+        except OSError as e:  # a full or read-only cache location only costs speed
+            need = (images.nbytes + labels.nbytes + usage.nbytes) / 2**20
+            try:
+                free = f"{shutil.disk_usage(cpath.parent).free / 2**20:.1f} MB free"
+            except OSError:
+                free = "not reachable"
+            print(f"warning: the parse cache in {cpath.parent} (FER_CACHE_DIR) cannot be "
+                  f"written ({e.strerror or e}; it needs about {need:.1f} MB, {free}); {p} "
+                  f"will be parsed again next time.", file=sys.stderr)
     return FerData(images, labels, usage, source=str(p), digest=digest)
 
 
@@ -155,6 +172,26 @@ def _open_csv(path: Path):
     with open(path, "rb") as fh:
         magic = fh.read(2)
     return _gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def _intact_lines(path: Path) -> int:
+    """How many whole lines a damaged gzip file yields before its damage (the reader above
+    fails a whole chunk at once, so it cannot say)."""
+    n = 0
+    try:
+        with _gzip.open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                n += 1
+    except (gzip.BadGzipFile, EOFError, zlib.error, _inflate_error, OSError):
+        pass
+    return n
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """A value as an error line quotes it: at most ``limit`` characters of it."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _field(raw: bytes) -> bytes:
@@ -205,8 +242,8 @@ def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                         parts.append(pool.submit(parse, rows, nums))
             parts = [p.result() for p in parts]
     except (gzip.BadGzipFile, EOFError, zlib.error, _inflate_error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data after line {line_no} ({e}); "
-                        f"download the file again.") from None
+        raise DataError(f"{path}: corrupt or truncated gzip data after line "
+                        f"{_intact_lines(path)} ({e}); download the file again.") from None
     if not parts:
         raise DataError(f"{path}: the header is there but the file has no data rows.")
     return tuple(np.concatenate(a) for a in zip(*parts))
@@ -230,8 +267,9 @@ def _parse_labels(path: Path, values: list[bytes], nums: list[int]) -> np.ndarra
     for i, v in enumerate(values):
         k = _LABELS.get(v)
         if k is None:
-            raise DataError(f"{path}: line {nums[i]}: emotion {v.decode('utf-8', 'replace')!r} "
-                            f"is not a label; expected an integer 0..6 "
+            raise DataError(f"{path}: line {nums[i]}: emotion "
+                            f"{_quote(v.decode('utf-8', 'replace'))} is not a label; expected "
+                            f"an integer 0..6 "
                             f"({', '.join(f'{k}={e}' for k, e in enumerate(EMOTIONS))}).")
         out[i] = k
     return out
@@ -255,13 +293,19 @@ def parse_pixels(rows: list[bytes], path: Path | str = "<pixels>",
         r = int(np.searchsorted(row_start, pos, side="right") - 1)
         s, off = rows[r].decode("ascii", "replace"), pos - row_start[r]
         a, b = s.rfind(" ", 0, off) + 1, s.find(" ", off)
-        return f"{path}: line {nums[r]}: pixel value {s[a: b if b >= 0 else len(s)]!r}"
+        return f"{path}: line {nums[r]}: pixel value {_quote(s[a: b if b >= 0 else len(s)])}"
 
     # uint8 wrap-around turns the digit test into one subtraction and one compare.
     digit = np.subtract(buf, 48, dtype=np.uint8) < 10
     valid = digit | (buf == 32)
     if not valid.all():
-        raise DataError(f"{where(int(np.argmin(valid)))} is not an integer; expected "
+        pos = int(np.argmin(valid))
+        sep = chr(buf[pos])
+        if sep in "\t;|" and (pos > 0 and digit[pos - 1]):
+            r = int(np.searchsorted(row_start, pos, side="right") - 1)
+            raise DataError(f"{path}: line {nums[r]}: pixel values separated by {sep!r}; "
+                            f"expected {N_PIXELS} integers 0..255 separated by spaces.")
+        raise DataError(f"{where(pos)} is not an integer; expected "
                         f"{N_PIXELS} integers 0..255 separated by spaces.")
     # The buffer starts and ends with a space, so digit-run edges alternate start, end.
     edges = np.flatnonzero(np.diff(digit.view(np.int8)))
@@ -320,8 +364,9 @@ def _load_folder(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 if im.size != (IMG, IMG):
                     im = im.resize((IMG, IMG), Image.BILINEAR)
                 images[i] = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{f}: unreadable image ({e}); remove or replace it.") from None
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: unreadable image ({str(e)[:200]}); remove or replace it.") \
+                from None
     return images, labels, usage
 
 
@@ -332,6 +377,12 @@ def load_training(path: str | Path) -> FerData:
     """A file to train on: loaded, and its usages checked before anything is created."""
     data = load(path)
     check_usage(data)
+    counts = np.bincount(data.labels[data.rows("Training")], minlength=len(EMOTIONS))
+    missing = [e for e, c in zip(EMOTIONS, counts) if c == 0]
+    if missing:
+        print(f"warning: {data.source}: no Training rows of {', '.join(missing)}; a model "
+              f"trained on it never learns {'that class' if len(missing) == 1 else 'them'}.",
+              file=sys.stderr)
     return data
 
 

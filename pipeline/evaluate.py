@@ -22,7 +22,7 @@ from .errors import UsageError
 def load_model(model_uri: str) -> serving.ServedModel:
     try:
         return serving.load(model_uri)
-    except (MlflowException, OSError, KeyError) as e:
+    except (MlflowException, OSError, KeyError, RuntimeError) as e:
         raise UsageError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. "
                          f"Expected a model folder or a URI printed by `pipeline.train`, e.g. "
                          f"models:/m-... or runs:/<run_id>/<stage>.") from None
@@ -40,8 +40,22 @@ def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
             "per_class": per_class}
 
 
+def check_output(predictions: str) -> None:
+    """Refuse an unusable --predictions path before anything is scored or logged."""
+    p = Path(predictions)
+    if p.is_dir():
+        raise UsageError(f"--predictions {p}: that is a folder; give a file, e.g. {p / 'preds.csv'}.")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--predictions {p}: {parent} is a file, not a folder.")
+            break
+
+
 def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool | None = None,
                  predictions: str | None = None) -> dict[str, Any]:
+    if predictions:
+        check_output(predictions)
     ds = fer.load(path)
     rows = ds.rows(usage)
     if len(rows) == 0:
@@ -52,6 +66,12 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
     tta = model.clf.tta if tta is None else tta  # None: as the model is served
     probs = model.probs(ds.images[rows], tta)
     result = score(y, probs, usage)
+    if predictions:  # written before the run is logged: a run is never left claiming a file
+        table = pd.DataFrame({"index": rows, "label": y, "predicted": probs.argmax(1)})
+        for i, e in enumerate(fer.EMOTIONS):
+            table[f"p_{e}"] = probs[:, i].round(6)
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(predictions, index=False)
     with tracking.run(name=f"evaluate {usage}{' tta' if tta else ''}",
                       tags={"stage": "evaluate", "model_uri": model_uri}):
         mlflow.log_params({"model_uri": model_uri, "data": ds.source, "usage": usage,
@@ -64,12 +84,6 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
         tracking.log_figure(plots.confusion(cm, f"Confusion matrix, {usage}"),
                             "confusion_matrix.png")
         tracking.log_text(json.dumps(result, indent=2), "evaluation.json")
-    if predictions:
-        table = pd.DataFrame({"index": rows, "label": y, "predicted": probs.argmax(1)})
-        for i, e in enumerate(fer.EMOTIONS):
-            table[f"p_{e}"] = probs[:, i].round(6)
-        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(predictions, index=False)
     return result
 
 

@@ -31,6 +31,9 @@ def example_faces(n: int = 2) -> np.ndarray:
 def export(model_uri: str, out: str | Path, force: bool = False,
            config: str | None = None) -> Path:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a model folder; --force replaces only a "
+                         f"folder. Remove it or choose another path.")
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it.")
     clf = load_model(model_uri).clf

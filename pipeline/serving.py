@@ -253,8 +253,12 @@ def _load_pyfunc(data_path: str) -> ServedModel:
     """MLflow's entry point for this folder's python_function flavor."""
     d = Path(data_path)
     cfg = from_dict(yaml.safe_load((d / CONFIG).read_text()), source=str(d / CONFIG))
-    return ServedModel(classifier(cfg, torch.load(d / WEIGHTS, map_location="cpu",
-                                                  weights_only=True)))
+    try:
+        state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise RuntimeError(f"{d / WEIGHTS} is damaged or truncated ({str(e).splitlines()[0]}"
+                           f"); the model folder must be written again") from None
+    return ServedModel(classifier(cfg, state))
 
 
 def signature() -> ModelSignature:

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import data as fer
 from . import plots, tracking
-from .cli import parser, run_main
+from .cli import parser, run_main, share, whole
 from .data import EMOTIONS, FerData, check_usage
 from .errors import DataError
 
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("Split FER2013 into train/val (stratified, seeded), test and holdout, and log it.")
     p.add_argument("--data", required=True, help="fer2013.csv(.gz), icml_face_data.csv or an "
                                                  "image folder with train/ and test/")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=share, default=0.2)
+    p.add_argument("--seed", type=whole, default=0)
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()

@@ -41,6 +41,7 @@ from optuna.storages._rdb.storage import _create_scoped_session as rdb_session
 from optuna.trial import FrozenTrial, TrialState
 
 from . import tracking
+from .cli import whole  # noqa: F401 (the studies take it from here with their other arguments)
 from .config import coerce, load_yaml
 from .errors import EXPECTED, ConfigError, UsageError
 from .stores import TrackingLost, first_use_lock
@@ -65,18 +66,6 @@ class StudyOptions:
     heartbeat: int = 20
     register: str | None = None
     alias: str = "best"
-
-
-def whole(text: str) -> int:
-    """A whole number from the command line; MLproject passes "3.0", which is one, and 3.5 is
-    refused with one line instead of being cut to 3."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not math.isfinite(v) or v != int(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
-    return int(v)
 
 
 def add_study_args(p: argparse.ArgumentParser, default_storage: str,

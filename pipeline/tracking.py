@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -46,7 +47,7 @@ class Experiment:
             return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
         name = self.name or DEFAULT_EXPERIMENT
         exp = mlflow.get_experiment_by_name(name)
-        return exp.experiment_id if exp else mlflow.set_experiment(name).experiment_id
+        return exp.experiment_id if exp else _set_experiment(name).experiment_id
 
 
 def setup(experiment: str | None) -> Experiment:
@@ -63,9 +64,22 @@ def setup(experiment: str | None) -> Experiment:
             return Experiment(None, "mlflow run")
         if experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
             chosen = Experiment(experiment or DEFAULT_EXPERIMENT, "user" if experiment else "default")
-            mark_model_training(mlflow.set_experiment(chosen.name))
+            mark_model_training(_set_experiment(chosen.name))
             return chosen
         return Experiment(None, "environment")
+
+
+def _set_experiment(name: str) -> Any:
+    """``mlflow.set_experiment``, except that an experiment this creates in a SQLite store keeps
+    its artifacts in ``mlruns/`` beside the database file (MLflow's default is ``./mlruns`` in
+    whatever folder the first run started from)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        where = db.parent / "mlruns" / uuid.uuid4().hex[:12]
+        with contextlib.suppress(MlflowException):  # another process created it first
+            mlflow.MlflowClient().create_experiment(name, artifact_location=str(where))
+    return mlflow.set_experiment(name)
 
 
 def use_study_experiment(exp: Experiment, name: str, description: str) -> Experiment:
@@ -74,7 +88,7 @@ def use_study_experiment(exp: Experiment, name: str, description: str) -> Experi
     client = mlflow.MlflowClient()
     if exp.chosen_by == "default":
         with first_use_lock(mlflow.get_tracking_uri()):
-            found = mlflow.set_experiment(name)
+            found = _set_experiment(name)
         exp = Experiment(name, "default")
     elif exp.chosen_by == "mlflow run":  # `mlflow run --experiment-name X`: describe X if bare
         found = client.get_experiment(exp.id())
@@ -105,8 +119,9 @@ def sweep_dead_runs() -> list[str]:
     dead = []
     for r in runs:
         if owner_alive(r.data.tags.get("owner")) is False:
-            client.set_tag(r.info.run_id, "failure", "its training process died without ending "
-                                                     "the run (a crash or kill -9)")
+            client.set_tag(r.info.run_id, "failure",
+                           "its training process ended without ending the run (a crash, a kill "
+                           "-9, or the tracking store unreachable when it ended)")
             client.set_terminated(r.info.run_id, "FAILED")
             dead.append(r.info.run_id)
     return dead
@@ -136,6 +151,9 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
                               tags=all_tags)
     rid = active.info.run_id
+    if run_id and "failure" in active.data.tags:
+        # Resumed: why an earlier attempt ended no longer describes the run.
+        mlflow.MlflowClient().delete_tag(rid, "failure")
     resume = (f"`{resume_command.replace('{run_id}', rid)}`" if resume_command
               else "the same command")
     try:
@@ -145,6 +163,10 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
         raise
     except BaseException as e:
         if not _store_error(e) or reachable():
+            with contextlib.suppress(Exception):
+                reason = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
+                mlflow.set_tag("failure", f"{type(e).__name__}: {reason}" if reason
+                               else type(e).__name__)
             mlflow.end_run("FAILED")
             raise
         # The store is gone: telling it the run failed would only wait out more retries.

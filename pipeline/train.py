@@ -25,7 +25,7 @@ from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
 from .engine import (EarlyStopping, EpochCallback, Recipe, Runtime, StopRun, TrainStep,
                      build_optimizer, build_scheduler, evaluate_split, load_optimizer_state,
                      seed_everything, train_one_epoch)
-from .errors import ConfigError, DataError, UsageError
+from .errors import ConfigError, DataError, TrainingError, UsageError
 from .stores import owner_alive
 from .models import build_model, count_params
 from .split import Split, make_split, subsample
@@ -48,11 +48,36 @@ def check_checkpoint_dir() -> None:
                          f"{e.strerror or e}.") from None
 
 
+def _state_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
+    """Write beside the target and swap: a kill or a full disk mid-save leaves the previous
+    checkpoint intact and no partial file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, KeyboardInterrupt):
+            import shutil
+
+            need = _state_bytes(obj) / 2**20
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise TrainingError(
+                f"cannot write checkpoint {path}: the folder (FER_CHECKPOINT_DIR) has "
+                f"{free:.1f} MB free and the checkpoint needs about {need:.1f} MB "
+                f"({str(e).strip().splitlines()[-1][:120]}).") from None
+        raise
 
 
 def toggles_of(cfg: Config) -> str:
@@ -205,6 +230,8 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
     if resume_run_id:
         _check_resumable(resume_run_id)
     state = Checkpoint(resume_run_id).load(cfg, data) if resume_run_id else None
+    if resume_run_id and state is None:
+        _check_same_params(resume_run_id, cfg, data)
     all_tags = {"stage": cfg.stage, "seed": str(cfg.seed), "toggles": toggles_of(cfg),
                 "device": f"{rt.device.type}{'-bf16' if rt.bf16 else ''}", **(tags or {})}
     ckpt = None
@@ -308,32 +335,56 @@ def _epochs(t: Trainer, data: fer.FerData, val: tuple[torch.Tensor, torch.Tensor
     it: MLflow never shows an epoch that a resume would train again."""
     pending: list[dict[str, float]] = []  # epochs not yet in MLflow nor in the checkpoint
     last_save, this_call = time.monotonic(), 0
-    while not t.should_stop():
-        if max_epochs is not None and this_call >= max_epochs:
-            return "interrupted"
-        row = _epoch(t, *val)
-        t.history.append(row)
-        pending.append(row)
-        t.schedule.after_epoch(_selected(row))
-        epoch = t.next_epoch
-        stopped = t.stopper.update(_selected(row), epoch, t.model)
-        t.next_epoch += 1
-        this_call += 1
-        halt = max_epochs is not None and this_call >= max_epochs
-        if stopped or halt or t.next_epoch >= t.cfg.epochs or on_epoch is not None or \
-                time.monotonic() - last_save >= t.cfg.checkpoint_every_s:
-            ckpt.save(t.state_dict(), t.cfg, data)
-            for r in pending:
-                mlflow.log_metrics({k: v for k, v in r.items() if k != "epoch"},
-                                   step=int(r["epoch"]))
-            pending.clear()
-            last_save = time.monotonic()
-        if on_epoch is not None:
-            try:
-                on_epoch(epoch, {"val_acc": _selected(row), "train_acc": row["train/acc"]})
-            except StopRun:
-                return "pruned"
+    # The state at the end of the last finished epoch not yet checkpointed: a stop mid-epoch
+    # saves it, so whatever the interval, a stop keeps every finished epoch.
+    unsaved: dict[str, Any] | None = None
+
+    def save(state: dict[str, Any]) -> None:
+        try:
+            ckpt.save(state, t.cfg, data)
+        except TrainingError as e:
+            # The trained epochs still reach MLflow, and the run says why it failed.
+            _log_rows(pending)
+            mlflow.set_tag("failure", str(e))
+            raise
+        _log_rows(pending)
+        pending.clear()
+
+    try:
+        while not t.should_stop():
+            if max_epochs is not None and this_call >= max_epochs:
+                return "interrupted"
+            row = _epoch(t, *val)
+            t.history.append(row)
+            pending.append(row)
+            t.schedule.after_epoch(_selected(row))
+            epoch = t.next_epoch
+            stopped = t.stopper.update(_selected(row), epoch, t.model)
+            t.next_epoch += 1
+            this_call += 1
+            halt = max_epochs is not None and this_call >= max_epochs
+            if stopped or halt or t.next_epoch >= t.cfg.epochs or on_epoch is not None or \
+                    time.monotonic() - last_save >= t.cfg.checkpoint_every_s:
+                unsaved = None
+                save(t.state_dict())
+                last_save = time.monotonic()
+            else:
+                unsaved = copy.deepcopy(t.state_dict())
+            if on_epoch is not None:
+                try:
+                    on_epoch(epoch, {"val_acc": _selected(row), "train_acc": row["train/acc"]})
+                except StopRun:
+                    return "pruned"
+    except KeyboardInterrupt:
+        if unsaved is not None:
+            save(unsaved)
+        raise
     return "complete"
+
+
+def _log_rows(rows: list[dict[str, float]]) -> None:
+    for r in rows:
+        mlflow.log_metrics({k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"]))
 
 
 def _log_unlogged(run_id: str, history: list[dict[str, float]]) -> None:
@@ -360,6 +411,23 @@ def _check_resumable(run_id: str) -> None:
     if status == "RUNNING" and owner_alive(owner):
         raise UsageError(f"--resume {run_id}: that run is still training in process "
                          f"{owner.rsplit(':', 2)[1]} on this machine; stop it first.")
+
+
+def _check_same_params(run_id: str, cfg: Config, data: fer.FerData) -> None:
+    """A run stopped before its first checkpoint has no state to check a resume against, but
+    its logged params say what it was; another config or other data is refused, the run left
+    as it was (MLflow would refuse the changed params only after the run had been reopened)."""
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    want = {**flatten(cfg), "data_digest": data.digest}
+    diff = sorted(k for k, v in want.items() if k in logged and logged[k] != v)
+    if "data_digest" in diff:
+        raise DataError(f"--resume {run_id}: that run was trained on other data (digest "
+                        f"{logged['data_digest']}, not {data.digest}); resume it with the same "
+                        f"--data.")
+    if diff:
+        raise ConfigError(f"--resume {run_id}: that run was started with another config "
+                          f"(differs in {', '.join(diff)}); resume it with the same config and "
+                          f"--set values.")
 
 
 @dataclass

@@ -475,11 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    profile = lifecycle.resolve_profile(a.profile)
+    load_space(a.space, profile)  # a bad file: before any store is created or migrated
     exp = tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     try:
-        s = run_tune(TuneOptions(lifecycle.options(a), a.space, lifecycle.resolve_profile(a.profile),
+        s = run_tune(TuneOptions(lifecycle.options(a), a.space, profile,
                                  a.n_trials, a.timeout,
                                  a.seed, a.out_dir, a.retrain_best, a.retrain_seeds), exp)
     except KeyboardInterrupt:

@@ -409,6 +409,11 @@ def test_two_workers_on_postgres_train_each_cell_once(kaggle_csv, tmp_path, pg_m
     assert sum(trained) == 4 and all(n > 0 for n in trained)  # both took part
     st = optuna.load_study(study_name=name, storage=PG)
     assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    # Both found the queue empty at the end; one built the report (of all 4 units), the other
+    # left it be, so no metric on the parent gets a second point.
+    assert sum("was built by another worker" in o for o in outs) == 1
+    parent = mlflow.MlflowClient().get_run(st.user_attrs["parent_run_id"])
+    assert parent.data.tags["report_units"] == "4"
 
 
 @pytest.mark.postgres

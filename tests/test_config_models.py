@@ -71,6 +71,16 @@ def test_block_dropout_is_element_wise(stage):
     ("stage=vgg", "choose one of basic"),
     ("device=tpu", "expected auto, cpu, cuda"),
     ("noequals", "expected key=value"),
+    # What torch or numpy would refuse only later, with a traceback, is one line here.
+    ("lr=nan", "lr=nan is not a finite number"),
+    ("lr=.inf", "lr=inf is not a finite number"),
+    ("weight_decay=-1", "weight_decay=-1.0 is out of range; expected [0, inf)"),
+    ("plateau_factor=1", "plateau_factor=1.0 is out of range; expected (0, 1)"),
+    ("momentum=-1", "momentum=-1.0 is out of range; expected [0, 1)"),
+    ("split_seed=-1", "split_seed=-1 is out of range; expected [0, 4294967295]"),
+    ("seed=-3", "seed=-3 is out of range"),
+    ("step_gamma=0", "step_gamma=0.0 is out of range; expected (0, inf)"),
+    ("translate=2", "translate=2.0 is out of range; expected [0, 1]"),
 ])
 def test_bad_overrides_say_what_is_valid(item, needle):
     with pytest.raises(ConfigError, match=None) as e:
@@ -101,6 +111,16 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         build(p)
+    p.write_text("stage: basic\nepochs: 3\n  lr: [1\n")
+    with pytest.raises(ConfigError) as e:
+        build(p)
+    assert str(e.value) == (f"{p}: not valid YAML at line 3, column 5: mapping values are not "
+                            f"allowed here.")
+
+
+def test_every_shipped_config_is_within_the_ranges():
+    for f in sorted((ROOT / "ablations/stages").glob("*.yaml")):
+        build(f)  # raises on any value out of its range
 
 
 COMBOS = [(s, bn, res) for s, bn, res in itertools.product(STAGES, (True, False), (True, False))

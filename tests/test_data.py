@@ -193,3 +193,96 @@ def test_parse_speed_note_on_real_file(dev_data):
     assert (d.usage == "Training").sum() == 28709 and (d.usage == "PublicTest").sum() == 3589
     assert np.bincount(d.labels[d.usage == "Training"]).tolist() == [
         3995, 436, 4097, 7215, 4830, 3171, 4965]
+
+
+def test_a_truncated_gzip_names_the_last_intact_line(tmp_path):
+    text = csv_text(*make_faces({"Training": 60}))  # 420 rows
+    whole = gzip.compress(text.encode())
+    p = tmp_path / "cut.csv.gz"
+    p.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(fer.DataError) as e:
+        fer.load(p)
+    n = int(str(e.value).split("after line ")[1].split(" ")[0])
+    # About half the rows are intact, and the message says so (not "after line 1").
+    assert 100 < n < 421
+
+
+def test_a_fifo_given_as_data_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fer2013.csv")
+    with pytest.raises(fer.DataError, match="not a regular file or a folder"):
+        fer.load(tmp_path / "fer2013.csv")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root reads any file")
+def test_a_file_without_read_permission_is_one_line_naming_it(kaggle_csv):
+    kaggle_csv.chmod(0)
+    with pytest.raises(fer.DataError, match=f"{kaggle_csv}: cannot be read"):
+        fer.load(kaggle_csv)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixels never follow): what a
+    decompression bomb looks like to a reader before it decodes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body +
+                struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+            chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_one_line_naming_it(image_folder):
+    bomb = image_folder / "train" / "happy" / "huge.png"
+    bomb.write_bytes(_bomb_png(20000, 20000))
+    with pytest.raises(fer.DataError) as e:
+        fer.load(image_folder)
+    assert str(e.value).startswith(f"{bomb}: unreadable image") and len(str(e.value)) < 400
+
+
+def test_pixels_with_another_separator_say_so_in_a_short_line(tmp_path):
+    images, labels, usage = make_faces({"Training": 1})
+    rows = ["emotion,pixels,Usage"] + [f"{l},{chr(9).join(map(str, im.ravel()))},{u}"
+                                       for im, l, u in zip(images, labels, usage)]
+    p = tmp_path / "tabs.csv"
+    p.write_text("\n".join(rows) + "\n")
+    with pytest.raises(fer.DataError) as e:
+        fer.load(p)
+    assert str(e.value) == (f"{p}: line 2: pixel values separated by '\\t'; expected 2304 "
+                            f"integers 0..255 separated by spaces.")
+
+
+def test_a_long_bad_value_is_quoted_to_forty_characters(tmp_path):
+    images, labels, usage = make_faces({"Training": 1})
+    rows = ["emotion,pixels,Usage", f"{'x' * 5000},{' '.join(map(str, images[0].ravel()))},"
+                                    f"Training"]
+    p = tmp_path / "long.csv"
+    p.write_text("\n".join(rows) + "\n")
+    with pytest.raises(fer.DataError) as e:
+        fer.load(p)
+    assert f"emotion {'x' * 40!r}... (5000 characters) is not a label" in str(e.value)
+    assert len(str(e.value)) < 300
+
+
+def test_training_without_a_class_warns(tmp_path, capsys):
+    p = tmp_path / "no_disgust.csv"
+    p.write_text(csv_text(*make_faces(classes=[0, 2, 3, 4, 5, 6])))
+    fer.load_training(p)
+    assert f"warning: {p}: no Training rows of disgust" in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_load(kaggle_csv, tmp_path,
+                                                                     monkeypatch, capsys):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FER_CACHE_DIR", str(blocker / "sub"))
+    data = fer.load(kaggle_csv)
+    assert len(data) == 7 * 15
+    err = capsys.readouterr().err
+    assert f"warning: the parse cache in {blocker / 'sub'} (FER_CACHE_DIR) cannot be written" \
+        in err and "will be parsed again next time" in err

@@ -86,11 +86,12 @@ def test_a_crashed_training_is_seen_as_failed_and_resumes(kaggle_csv, tmp_path):
     assert tracking.sweep_dead_runs() == [run.info.run_id]
     after = _the_run()
     assert after.info.status == "FAILED"
-    assert "died" in after.data.tags["failure"]
+    assert "ended without ending the run" in after.data.tags["failure"]
 
     r = _resume(kaggle_csv, run.info.run_id)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _the_run().info.status == "FINISHED"
+    assert "failure" not in _the_run().data.tags  # it no longer describes the run
     assert _epochs_logged(run.info.run_id) == list(range(1, 7))
 
 
@@ -226,3 +227,88 @@ def test_simultaneous_first_use_of_a_fresh_postgres_database(tmp_path, fresh_pg)
 @pytest.mark.postgres
 def test_simultaneous_workers_create_the_optuna_schema_once(tmp_path, fresh_pg):
     assert _race(f"sqlite:///{tmp_path / 'm.db'}", storage=fresh_pg) == [0, 0, 0, 0]
+
+
+LONG = "epochs=200 width=0.125 batch_size=16 checkpoint_every_s=3600 device=cpu"
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_keeps_every_finished_epoch_whatever_the_interval(kaggle_csv,
+                                                                         tmp_path):
+    """No checkpoint is due for an hour; SIGTERM in epoch 2 or 3 still keeps the last finished
+    epoch, logs exactly the epochs it keeps, and says which one it kept."""
+    p = start_cli("pipeline.train", "--config", BASIC, "--data", kaggle_csv, "--set", LONG,
+                  merge=False)
+    for line in p.stdout:  # the event: epoch 2 reported, so epoch 1's state is in memory
+        if "epoch 2/200:" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    import re
+
+    import torch
+
+    run_id = re.search(r"run ([0-9a-f]{32}) is KILLED", err).group(1)
+    kept = int(re.search(r"its checkpoint after epoch (\d+) is kept", err).group(1))
+    saved = torch.load(tmp_path / "checkpoints" / f"{run_id}.pt", weights_only=False)
+    assert kept in (1, 2) and saved["epoch"] + 1 == kept
+    assert _epochs_logged(run_id) == list(range(1, kept + 1))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data",
+                        str(kaggle_csv), "--set", LONG.replace("epochs=200", "epochs=4"),
+                        "--resume", run_id], capture_output=True, text=True, timeout=600)
+    # epochs=4 is another config: refused, the run left as it was.
+    assert r.returncode == 2 and "another config" in r.stderr and "epochs" in r.stderr
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_in_one_line_and_keeps_its_epochs(
+        kaggle_csv, tmp_path):
+    """A file-size limit below the checkpoint's size makes its write fail as a full disk
+    does: one line naming the folder, no partial file left, the trained epoch logged, the run
+    FAILED with the reason in its `failure` tag."""
+    import resource
+
+    def limit():  # 8 MB: the store and the parse cache fit, a width-1 basic checkpoint not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data",
+                        str(kaggle_csv), "--set",
+                        "epochs=3 width=1 batch_size=16 checkpoint_every_s=0 device=cpu"],
+                       capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot write checkpoint" in line and "FER_CHECKPOINT_DIR" in line
+    assert "MB free and the checkpoint needs about" in line
+    assert not list((tmp_path / "checkpoints").glob("*"))  # no partial file
+    run = _the_run()
+    assert run.info.status == "FAILED"
+    assert "cannot write checkpoint" in run.data.tags["failure"]
+    assert _epochs_logged(run.info.run_id) == [1]
+
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_killed_before_its_first_checkpoint_refuses_another_config(
+        kaggle_csv, tmp_path):
+    p = start_cli("pipeline.train", "--config", BASIC, "--data", kaggle_csv, "--set", LONG,
+                  merge=False)
+    for line in p.stdout:
+        if "epoch 1/200:" in line:
+            p.kill()  # kill -9: nothing is saved, the run stays RUNNING
+            break
+    p.wait(timeout=60)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    run_id = _the_run().info.run_id
+    params = dict(_the_run().data.params)
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data",
+                        str(kaggle_csv), "--set", LONG.replace("epochs=200", "epochs=4"),
+                        "--resume", run_id], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "another config (differs in epochs)" in r.stderr
+    assert _the_run().info.status == "FAILED"  # swept as dead by that start, nothing more
+    assert dict(_the_run().data.params) == params

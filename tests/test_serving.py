@@ -309,3 +309,46 @@ def test_the_fast_scoring_copy_computes_what_the_trained_network_does(stage):
     after = clf.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
                                                  for k in before)
+
+
+def _runs() -> int:
+    return len(mlflow.search_runs(search_all_experiments=True))
+
+
+def test_evaluate_names_a_damaged_model_folder_in_one_line(folder, tmp_path, kaggle_csv):
+    import shutil
+
+    from tests.conftest import run_cli
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "data" / "fer" / serving.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:5000])
+    r = run_cli("pipeline.evaluate", "--model-uri", str(damaged), "--data", str(kaggle_csv))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{weights} is damaged or truncated" in r.stderr and r.stderr.count("\n") == 1
+    assert _runs() == 0
+
+
+def test_evaluate_refuses_a_folder_as_its_predictions_file_before_logging(folder, tmp_path,
+                                                                          kaggle_csv):
+    from pipeline.errors import UsageError
+    from pipeline.evaluate import run_evaluate
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UsageError, match="--predictions .*out: that is a folder"):
+        run_evaluate(str(folder), str(kaggle_csv), predictions=str(tmp_path / "out"))
+    assert _runs() == 0  # nothing logged as FINISHED for a file never written
+    run_evaluate(str(folder), str(kaggle_csv), predictions=str(tmp_path / "out" / "p.csv"))
+    assert (tmp_path / "out" / "p.csv").exists() and _runs() == 1
+
+
+def test_export_refuses_to_replace_a_file_even_with_force(folder, tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.export import export
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(UsageError, match="a file, not a model folder"):
+        export(str(folder), target, force=True, config=str(folder / "data/fer/config.yaml"))
+    assert target.read_text() == "mine"

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
 from pipeline import study as lifecycle
+from pipeline import tracking
 from pipeline.errors import TrainingError, UsageError
 
 
@@ -120,3 +123,17 @@ def test_a_unit_whose_worker_died_before_its_first_beat_is_retried_not_waited_on
     trials = st.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert lifecycle.claim(st).user_attrs["unit"] == 0  # the unit is trained again
+
+
+def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_folder(tmp_path,
+                                                                          monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tracking.setup("beside")
+    with tracking.run("r"):
+        tracking.log_text("hello", "note.txt")
+        uri = mlflow.get_artifact_uri()
+    assert Path(uri.removeprefix("file://")).is_relative_to(tmp_path / "mlruns")
+    assert (Path(uri.removeprefix("file://")) / "note.txt").read_text() == "hello"
+    assert not (elsewhere / "mlruns").exists()

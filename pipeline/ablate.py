@@ -303,7 +303,7 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
     the rest will take as it goes."""
     by_name = {c.name: c for c in s.cells}
     parent = st.user_attrs["parent_run_id"]
-    counts = {"trained": 0, "failed": 0}
+    counts = {"trained": 0, "failed": 0, "waited": 0}
     total = len(s.cells) * s.seeds
 
     def left() -> list[tuple[str, int]]:
@@ -322,6 +322,7 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
                           f"{lifecycle.duration(time.time() - began)}", flush=True)
                 return counts
             print(f"waiting for {len(running)} running cell(s) on other workers", flush=True)
+            counts["waited"] = 1
             time.sleep(poll)
             continue
         if eta is None:
@@ -497,18 +498,21 @@ def report(st: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
     return text
 
 
-def report_once(st: optuna.Study, s: StudyPlan, out_dir: Path, storage: str) -> str:
-    """The report, built by one of the workers that find the queue empty at the same time:
-    the first builds it and notes the units it covers on the parent; the others, finding that
-    note, leave it as it is (two builds gave each effect metric two history points)."""
+def report_once(st: optuna.Study, s: StudyPlan, out_dir: Path, storage: str,
+                took_part: bool) -> str:
+    """The report. Workers that took part in the study's last stretch (trained or waited) find
+    the queue empty at about the same time: the first builds the report and notes the units it
+    covers on the parent; the others, finding that note, leave it be (two builds gave each effect
+    metric two history points) and return its text. A rerun of a finished study, which took no
+    part, rebuilds it from the store, as asked."""
     parent = st.user_attrs["parent_run_id"]
     with first_use_lock(storage):
         units = str(sum(t.state.is_finished() for t in lifecycle.settled(st)))
         client = mlflow.MlflowClient()
-        if client.get_run(parent).data.tags.get("report_units") == units:
+        if took_part and client.get_run(parent).data.tags.get("report_units") == units:
             print(f"the report of these {units} units was built by another worker; it is on "
                   f"the parent run {parent}", flush=True)
-            return ""
+            return mlflow.artifacts.load_text(f"runs:/{parent}/report/report.md")
         text = report(st, s, out_dir)
         client.set_tag(parent, "report_units", units)
     return text
@@ -580,6 +584,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
     helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
     try:
         counts = work(opened.study, s, data, o.study.heartbeat)
+        waited = counts.pop("waited")
     finally:
         for h in helpers:
             if h.wait() != 0:
@@ -592,8 +597,10 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
         return out
     if any(h.returncode != 0 for h in helpers):
         for k, v in work(opened.study, s, data, o.study.heartbeat).items():
-            out[k] += v
-    out["report"] = report_once(opened.study, s, Path(o.report_dir), o.study.storage)
+            if k in out:
+                out[k] += v
+    out["report"] = report_once(opened.study, s, Path(o.report_dir), o.study.storage,
+                                took_part=bool(out["trained"] or out["failed"] or waited))
     lifecycle.finish_parent(opened.parent, opened.entry_run)
     if o.study.register:
         out["registered"] = lifecycle.register(f"tags.study = '{name}'", o.study.register,

@@ -275,7 +275,8 @@ def test_jobs_start_local_workers_on_one_study(kaggle_csv, tmp_path):
 
 
 def test_failing_cell_is_reported_and_the_study_goes_on(kaggle_csv, tmp_path):
-    study = mini_study(tmp_path, **{"with": {"batchnorm": True, "lr": float("inf")}})
+    # An lr no net survives: the +batchnorm cells diverge in their first steps.
+    study = mini_study(tmp_path, **{"with": {"batchnorm": True, "lr": 1e30}})
     out = ablate_study(kaggle_csv, study)
     assert out["failed"] == 2 and out["trained"] == 2  # the +batchnorm cells diverge
     assert "## Missing cells" in out["report"] and "loss became" in out["report"]

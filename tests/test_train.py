@@ -105,7 +105,7 @@ def test_resume_refuses_other_data(kaggle_csv, tmp_path):
 
 def test_non_finite_loss_fails_the_run_with_a_message(kaggle_csv):
     r = run_cli("pipeline.train", "--config", str(ROOT / "ablations/stages/basic.yaml"),
-                "--data", str(kaggle_csv), "--set", "lr=.inf epochs=2 width=0.125")
+                "--data", str(kaggle_csv), "--set", "lr=1e30 epochs=2 width=0.125")
     assert r.returncode == 2, r.stderr[-1500:]
     assert "loss became" in r.stderr and "Traceback" not in r.stderr
     runs = mlflow.search_runs(search_all_experiments=True)

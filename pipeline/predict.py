@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import faces, plots, serving
-from .cli import parser, run_main
+from .cli import run_main
 from .config import EMOTIONS
 from .errors import InputError, UsageError
 
@@ -312,7 +312,10 @@ def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("Find every face in photos, folders and videos and name its emotion.")
+    # Not the common parser: nothing here is logged to an experiment of its choosing.
+    p = argparse.ArgumentParser(
+        description="Find every face in photos, folders and videos and name its emotion.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="photos (JPEG, PNG, BMP, WebP, TIFF, GIF), videos, or folders of them")
     p.add_argument("--model-uri", default=DEFAULT_MODEL,
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="where a video's emotions-over-time plot goes (default: --annotate's "
                         "folder, else the current one)")
-    p.add_argument("--every", type=every, default=Every(seconds=1.0), metavar="N|Ts",
+    p.add_argument("--every", type=every, default="1s", metavar="N|Ts",
                    help="sample videos every N frames, or every T seconds (e.g. 0.5s)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the model's TTA views (default: as the model is served)")

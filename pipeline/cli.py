@@ -57,6 +57,9 @@ def quiet_libraries() -> None:
     bound_retries()
     for name in ("mlflow", "alembic", "optuna", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs each database error with a traceback before raising it; the entry point reports
+    # the raised error in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is experimental.*")

@@ -5,7 +5,9 @@ store (locks, reachability, process liveness) is :mod:`pipeline.stores`."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -162,6 +164,13 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
+        if _store_full(e):
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")  # cannot be written either; the next sweep marks it
+            raise TrackingLost(
+                f"the MLflow tracking store {mlflow.get_tracking_uri()} cannot be written: "
+                f"{_free_space_of(mlflow.get_tracking_uri())} (run {rid}); free some space, "
+                f"then continue from the run's last checkpoint with {resume}") from None
         if not _store_error(e) or reachable():
             with contextlib.suppress(Exception):
                 reason = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
@@ -180,6 +189,30 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
             f"with {resume}") from None
     else:
         mlflow.end_run("FINISHED")
+
+
+def _store_full(e: BaseException) -> bool:
+    """A write to the tracking store or its artifacts failed for want of space."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EFBIG,
+                                                        errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _free_space_of(uri: str) -> str:
+    folder = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") \
+        else Path(".").resolve()
+    try:
+        return f"its folder {folder} is full ({shutil.disk_usage(folder).free / 2**20:.1f} MB free)"
+    except OSError:
+        return f"its folder {folder} is full"
 
 
 def _store_error(e: BaseException) -> bool:

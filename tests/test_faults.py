@@ -312,3 +312,47 @@ def test_a_resume_of_a_run_killed_before_its_first_checkpoint_refuses_another_co
     assert "another config (differs in epochs)" in r.stderr
     assert _the_run().info.status == "FAILED"  # swept as dead by that start, nothing more
     assert dict(_the_run().data.params) == params
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MB tmpfs (needs the right to mount: root here and in CI), grown on demand."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(d)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+
+    def grow():
+        subprocess.run(["mount", "-o", "remount,size=64m", str(d)], check=True)
+
+    try:
+        yield d, grow
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_tracking_store_is_one_line_and_the_run_resumes_once_there_is_room(
+        kaggle_csv, tmp_path, small_disk):
+    d, grow = small_disk
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}
+    args = ["--config", BASIC, "--data", str(kaggle_csv), "--set",
+            "epochs=300 width=0.125 batch_size=16 checkpoint_every_s=0 device=cpu"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True,
+                       text=True, env=_env(env), timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert f"its folder {d} is full" in r.stderr
+    import re
+
+    resume = re.search(r"continue from the run's last checkpoint with `([^`]+)`", r.stderr)
+    run_id = resume.group(1).rsplit(" ", 1)[1]
+    assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+    grow()
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", *args, "--resume", run_id],
+                       capture_output=True, text=True, env=_env(env), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure" not in run.data.tags
+    assert _epochs_logged(run_id, env["MLFLOW_TRACKING_URI"]) == list(range(1, 301))

@@ -44,7 +44,7 @@ from . import tracking
 from .cli import whole  # noqa: F401 (the studies take it from here with their other arguments)
 from .config import coerce, load_yaml
 from .errors import EXPECTED, ConfigError, UsageError
-from .stores import TrackingLost, first_use_lock
+from .stores import TrackingLost, first_use_lock, owner_alive, owner_tag
 
 PROFILES = ("smoke", "quick", "full")
 Outcome = Literal["complete", "pruned", "failed"]
@@ -248,6 +248,7 @@ class Opened:
             time.sleep(1)
         check_parent_here(self.study, self.url)
         attach_entry_run(self.entry_run, self.parent, self.name)
+        take_over_parent(self.parent, self.entry_run)
 
 
 def open_study(opts: StudyOptions, exp: tracking.Experiment, name: str, description: str,
@@ -273,7 +274,10 @@ def create_parent(exp: tracking.Experiment, name: str, run_name: str, role: str,
     """The study's parent run: ``adopt`` (the entry run of ``mlflow run``) or a new one, named,
     tagged with the study and its role, with ``params`` and ``files`` (name -> text)."""
     client = mlflow.MlflowClient()
-    parent = adopt or client.create_run(exp.id(), run_name=run_name).info.run_id
+    # The owner goes in with the run's first write: a worker that dies at any point after
+    # leaves a parent the next start on this machine can see is orphaned.
+    parent = adopt or client.create_run(exp.id(), run_name=run_name,
+                                        tags={"owner": owner_tag()}).info.run_id
     for k, v in {"study": name, "role": role, "git_commit": tracking.git_commit(),
                  "mlflow.runName": run_name}.items():
         client.set_tag(parent, k, v)
@@ -318,6 +322,27 @@ def attach_entry_run(entry_run: str | None, parent: str, study_name: str) -> Non
     name = client.get_run(entry_run).info.run_name
     if not name.startswith("worker"):
         client.set_tag(entry_run, "mlflow.runName", f"worker ({name})")
+
+
+def take_over_parent(parent: str, entry_run: str | None) -> None:
+    """A worker joining a study owns its parent run when no live process does (its owner died,
+    or it never had one), and puts back to RUNNING a parent a sweep marked KILLED meanwhile:
+    the study goes on. Under `mlflow run` the entry run is `mlflow run`'s to own and end."""
+    if parent == entry_run:
+        return
+    client = mlflow.MlflowClient()
+    run = client.get_run(parent)
+    owner = run.data.tags.get("owner")
+    # RUNNING with an owner that lives, or that lives on another machine (unknown here), is
+    # left be; KILLED or FAILED means a sweep found its owner dead.
+    if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and owner and
+                                         owner_alive(owner) is not False):
+        return
+    client.set_tag(parent, "owner", owner_tag())
+    if run.info.status != "RUNNING":
+        client.update_run(parent, status="RUNNING")
+        if "failure" in run.data.tags:
+            client.delete_tag(parent, "failure")
 
 
 def finish_parent(parent: str, entry_run: str | None) -> None:

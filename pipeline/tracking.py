@@ -121,10 +121,18 @@ def sweep_dead_runs() -> list[str]:
     dead = []
     for r in runs:
         if owner_alive(r.data.tags.get("owner")) is False:
-            client.set_tag(r.info.run_id, "failure",
-                           "its training process ended without ending the run (a crash, a kill "
-                           "-9, or the tracking store unreachable when it ended)")
-            client.set_terminated(r.info.run_id, "FAILED")
+            if r.data.tags.get("role"):
+                # A study's parent: the study is not failed, only stopped; running its command
+                # again continues it and puts the parent back to RUNNING.
+                client.set_tag(r.info.run_id, "failure",
+                               "the worker that owned this study's parent run stopped before the "
+                               "study finished; run the study's command again to continue it")
+                client.set_terminated(r.info.run_id, "KILLED")
+            else:
+                client.set_tag(r.info.run_id, "failure",
+                               "its training process ended without ending the run (a crash, a "
+                               "kill -9, or the tracking store unreachable when it ended)")
+                client.set_terminated(r.info.run_id, "FAILED")
             dead.append(r.info.run_id)
     return dead
 

@@ -137,3 +137,55 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_folder(tmp_pa
     assert Path(uri.removeprefix("file://")).is_relative_to(tmp_path / "mlruns")
     assert (Path(uri.removeprefix("file://")) / "note.txt").read_text() == "hello"
     assert not (elsewhere / "mlruns").exists()
+
+
+def _dead_owner() -> str:
+    import socket
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return f"{socket.gethostname()}:{p.pid}:?"
+
+
+def test_a_study_parent_has_an_owner_from_its_first_write_and_outlives_it():
+    """A parent whose owner died is KILLED by the next start here (not FAILED: the study can go
+    on), with the reason; a worker joining takes it over and puts it back to RUNNING; a parent
+    whose owner lives is left be."""
+    import subprocess
+    import sys
+
+    from pipeline.stores import owner_tag
+
+    exp = tracking.setup("owners")
+    parent = lifecycle.create_parent(exp, "s", "ablation quick", "ablation", params={},
+                                     files={})
+    client = mlflow.MlflowClient()
+    assert client.get_run(parent).data.tags["owner"] == owner_tag()
+    assert tracking.sweep_dead_runs() == []  # its owner (this process) lives
+
+    client.set_tag(parent, "owner", _dead_owner())
+    assert tracking.sweep_dead_runs() == [parent]
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED" and "run the study's command again" in \
+        run.data.tags["failure"]
+
+    lifecycle.take_over_parent(parent, entry_run=None)
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.tags["owner"] == owner_tag()
+    assert "failure" not in run.data.tags
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from pipeline.stores import _start_time
+        import socket
+
+        other = f"{socket.gethostname()}:{alive.pid}:{_start_time(alive.pid)}"
+        client.set_tag(parent, "owner", other)
+        assert tracking.sweep_dead_runs() == []
+        lifecycle.take_over_parent(parent, entry_run=None)
+        assert client.get_run(parent).data.tags["owner"] == other  # not taken from the living
+    finally:
+        alive.kill()
+        alive.wait()

@@ -470,3 +470,19 @@ def test_a_stopped_study_says_the_command_that_continues_it_and_that_command_doe
     assert "(joined)" in r.stdout  # the same study, continued
     runs = [r for r in child_runs(name) if r.info.status == "FINISHED"]
     assert len({(r.data.tags["cell"], r.data.tags["seed"]) for r in runs}) == 4
+
+
+@pytest.mark.parametrize("module, flag", [("pipeline.ablate", "--study"),
+                                          ("pipeline.tune", "--space")])
+def test_a_bad_study_or_search_file_is_reported_before_any_store_exists(kaggle_csv, tmp_path,
+                                                                        module, flag):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reference: basic\n  seeds: [3\n")
+    stores = tmp_path / "stores"
+    r = subprocess.run([sys.executable, "-m", module, "--data", str(kaggle_csv), flag, str(bad),
+                        "--profile", "smoke", "--storage", f"sqlite:///{stores / 'study.db'}"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{stores / 'm.db'}"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{bad}: not valid YAML at line 2, column " in r.stderr
+    assert not stores.exists()  # neither the tracking store nor the study's was created

@@ -329,7 +329,8 @@ def small_disk(tmp_path):
     try:
         yield d, grow
     finally:
-        subprocess.run(["umount", str(d)], capture_output=True)
+        # Lazily: this process's MLflow client may still hold the database file open.
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import faces, plots, serving
-from .cli import run_main
+from .cli import parser, run_main
 from .config import EMOTIONS
 from .errors import InputError, UsageError
 
@@ -264,19 +264,15 @@ def run_predict(inputs: list[str], model_uri: str, sink: IO[str], annotate: str 
 
 
 def load(model_uri: str) -> serving.ServedModel:
+    """The model, as `evaluate` loads it; a registry or run URI reads the default store."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
+    from .evaluate import load_model
     from .tracking import DEFAULT_TRACKING_URI
 
     if not Path(model_uri).is_dir() and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
-    try:
-        return serving.load(model_uri)
-    except (MlflowException, OSError, KeyError, RuntimeError) as e:
-        raise UsageError(f"cannot load model {model_uri!r}: {str(e).splitlines()[0][:300]}. "
-                         f"Expected a model folder or a URI printed by `pipeline.train`, e.g. "
-                         f"models:/m-... or runs:/<run_id>/<stage>.") from None
+    return load_model(model_uri)
 
 
 class _Kept:
@@ -297,11 +293,18 @@ class _Kept:
 
 
 def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
-    """Under `mlflow run` the run is already chosen: it gets the inputs, counts, the JSON lines,
-    the annotated photos and the plots."""
+    """The counts, the JSON lines, the annotated photos and the plots, in the run `mlflow run`
+    chose, or in a new run of ``--experiment``."""
     import mlflow
 
-    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+    from . import tracking
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+    else:
+        tracking.setup(a.experiment)
+        run = tracking.run(name="predict", tags={"stage": "predict"})
+    with run:
         mlflow.set_tag("stage", "predict")
         mlflow.log_metrics({"photos": tally.photos, "videos": tally.videos,
                             "frames": tally.frames, "faces": tally.faces,
@@ -312,10 +315,8 @@ def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Not the common parser: nothing here is logged to an experiment of its choosing.
-    p = argparse.ArgumentParser(
-        description="Find every face in photos, folders and videos and name its emotion.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("Find every face in photos, folders and videos and name its emotion; with "
+               "--experiment (or under `mlflow run`) the results are also logged as a run.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="photos (JPEG, PNG, BMP, WebP, TIFF, GIF), videos, or folders of them")
     p.add_argument("--model-uri", default=DEFAULT_MODEL,
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     sink = open(a.out, "w") if a.out else sys.stdout
-    kept = _Kept(sink) if os.environ.get("MLFLOW_RUN_ID") else sink
+    kept = _Kept(sink) if os.environ.get("MLFLOW_RUN_ID") or a.experiment else sink
     try:
         tally = run_predict(a.inputs, a.model_uri, kept, a.annotate, a.plots, a.every, a.tta)
     finally:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,9 +69,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, KeyboardInterrupt):
-            import shutil
-
+        if isinstance(e, (OSError, RuntimeError)):
             need = _state_bytes(obj) / 2**20
             free = shutil.disk_usage(path.parent).free / 2**20
             raise TrainingError(
@@ -391,10 +390,7 @@ def _log_unlogged(run_id: str, history: list[dict[str, float]]) -> None:
     """Log the checkpointed epochs that never reached MLflow (the store went away between the
     checkpoint and the log), and none twice."""
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/acc")}
-    for row in history:
-        if int(row["epoch"]) not in logged:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                               step=int(row["epoch"]))
+    _log_rows([row for row in history if int(row["epoch"]) not in logged])
 
 
 def _check_resumable(run_id: str) -> None:

@@ -309,3 +309,19 @@ def test_the_detector_is_safe_to_share_between_threads(astronaut):
         t.join()
     assert not errors and len(results) == 12
     assert all(np.array_equal(r, expected) for r in results)
+
+
+def test_with_an_experiment_the_results_are_also_a_run(astronaut, tmp_path):
+    import mlflow
+
+    Image.fromarray(astronaut).save(tmp_path / "a.png")
+    r = run_cli("pipeline.predict", str(tmp_path / "a.png"), "--experiment", "faces",
+                "--annotate", str(tmp_path / "drawn"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    [run] = mlflow.search_runs(experiment_names=["faces"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "predict"
+    assert run.data.metrics["faces"] == 1 and run.data.metrics["photos"] == 1
+    logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/predictions.jsonl")
+    assert [json.loads(x) for x in logged.splitlines()] == _lines(r.stdout)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "drawn")}
+    assert arts == {"drawn/a.png"}

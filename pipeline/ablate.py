@@ -11,6 +11,7 @@ the queue empty.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -32,9 +33,10 @@ from . import data as fer
 from . import findings, plots, tracking
 from . import study as lifecycle
 from .cli import parser, run_main
-from .config import TOGGLES, Config, build, coerce, config_path
+from .config import STAGES, TOGGLES, Config, build, coerce, config_path
 from .errors import ConfigError, UsageError
-from .engine import measure_training
+from .augment import tta_thetas
+from .engine import measure_rates
 from .models import supports_residual
 from .stores import first_use_lock
 from .study import StudyOptions, find_run, storage_of, trial_id
@@ -74,16 +76,25 @@ class StudyPlan:
     profile: str
     budget: dict[str, Any]
     log_models: LogModels  # reference: the reference stage's seed-0 model only
+    # The profile's stage_set: a stage's own budget on top of `budget` (command-line budget
+    # keys win over both).
+    stage_budget: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: list[dict[str, Any]] = field(default_factory=list)  # the profile's extra_cells
     cells: list[Cell] = field(default_factory=list)
     # Cells left out because the toggle has nothing to act on in that stage, with the reason.
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def config(self, cell: Cell, seed: int) -> Config:
-        return build(config_path(cell.stage), {**cell.overrides, **self.budget, "seed": seed})
+        return build(config_path(cell.stage), {**cell.overrides, **self.budget,
+                                               **self.stage_budget.get(cell.stage, {}),
+                                               "seed": seed})
 
     def reduced(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.budget.items()) or "none (the study's own settings)"
+        said = ", ".join(f"{k}={v}" for k, v in self.budget.items())
+        for stage, kv in self.stage_budget.items():
+            if kv:
+                said += f"; stage {stage}: " + ", ".join(f"{k}={v}" for k, v in kv.items())
+        return said or "none (the study's own settings)"
 
 
 STUDY_KEYS = ("reference", "base", "ladder", "seeds", "reported", "toggles", "profiles")
@@ -134,7 +145,8 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
                   reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
                   profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
                   log_models="all" if prof.get("log_models", False) else "none",
-                  extra=list(prof.get("extra_cells") or []))
+                  extra=list(prof.get("extra_cells") or []),
+                  stage_budget=_stage_budget(prof, budget or {}, f"{p} profile {profile}"))
     if s.seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
     try:
@@ -144,6 +156,22 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
     except ConfigError as e:
         raise UsageError(str(e)) from None
     return s
+
+
+def _stage_budget(prof: dict, cli: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The profile's ``stage_set``, checked; the command line's budget keys take precedence."""
+    by_stage = prof.get("stage_set") or {}
+    if not isinstance(by_stage, dict):
+        raise UsageError(f"{where}: stage_set must map stage names to config keys, got "
+                         f"{by_stage!r}.")
+    out = {}
+    for stage, kv in by_stage.items():
+        if stage not in STAGES or not isinstance(kv, dict):
+            raise UsageError(f"{where}: stage_set entry {stage!r}: {kv!r}; expected one of "
+                             f"{', '.join(STAGES)} mapped to config keys.")
+        lifecycle.check_budget(kv, f"{where} stage_set {stage}")
+        out[stage] = {k: v for k, v in kv.items() if k not in cli}
+    return out
 
 
 def _is_on(cfg: Config, spec: dict) -> bool:
@@ -230,8 +258,10 @@ PROTOCOL = 2
 
 def fingerprint(s: StudyPlan) -> str:
     spec = [(c.name, c.stage, sorted(c.overrides.items())) for c in s.cells]
-    return hashlib.sha1(json.dumps([spec, s.seeds, sorted(s.budget.items()), PROTOCOL],
-                                   default=str).encode()).hexdigest()[:12]
+    parts = [spec, s.seeds, sorted(s.budget.items()), PROTOCOL]
+    if any(s.stage_budget.values()):
+        parts.append(sorted((k, sorted(v.items())) for k, v in s.stage_budget.items() if v))
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
 def set_up_queue(opened: lifecycle.Opened, s: StudyPlan, digest: str) -> None:
@@ -275,23 +305,33 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
 
 
 def estimate(s: StudyPlan, data: fer.FerData, keys: list[tuple[str, int]]) -> lifecycle.Eta:
-    """Each unit's training time on this machine: its training images (the train split's share
-    of the Training rows, times data_fraction, times epochs) over the training rate of its
-    network, measured here for a quarter of a second per distinct network."""
+    """Each unit's time on this machine: the images it trains on (the train split's share of
+    the Training rows, times data_fraction, times epochs) over its network's training rate,
+    plus the images it scores (validation after each epoch, with every TTA view where the
+    stage validates with TTA; then the clean train split, and val and test with TTA) over its
+    scoring rate. Both rates are measured here, for about a quarter of a second per distinct
+    network."""
     by_name = {c.name: c for c in s.cells}
     n_rows = int((data.usage == "Training").sum())
-    rates: dict[tuple, float] = {}
+    n_test = int((data.usage == "PublicTest").sum())
+    rates: dict[tuple, tuple[float, float]] = {}
     predicted = {}
     for cell, seed in keys:
         cfg = s.config(by_name[cell], seed)
-        net = (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment)
+        net = (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment,
+               cfg.precision, cfg.device)
         if net not in rates:
             try:
-                rates[net] = measure_training(cfg, seconds=0.25)
+                rates[net] = measure_rates(cfg, seconds=0.25)
             except lifecycle.UNIT_FAILURES:  # a cell that cannot train fails as its unit, fast
-                rates[net] = math.nan
-        images = n_rows * (1 - cfg.val_fraction) * cfg.data_fraction * cfg.epochs
-        predicted[(cell, seed)] = images / rates[net]
+                rates[net] = (math.nan, math.nan)
+        n_val = n_rows * cfg.val_fraction
+        n_train = (n_rows - n_val) * cfg.data_fraction
+        views = len(tta_thetas(cfg))
+        scored = (cfg.epochs * n_val * (views if cfg.tta else 1)
+                  + n_train + (n_val + n_test) * views)
+        train_rate, score_rate = rates[net]
+        predicted[(cell, seed)] = n_train * cfg.epochs / train_rate + scored / score_rate
     known = [v for v in predicted.values() if math.isfinite(v)]
     typical = sum(known) / len(known) if known else 0.0
     return lifecycle.Eta({k: v if math.isfinite(v) else typical for k, v in predicted.items()})
@@ -311,37 +351,43 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))]
 
     eta, began = None, time.time()
-    while True:
-        lifecycle.fail_stale(st)  # dead workers' cells go back to the queue
-        t = lifecycle.claim(st)
-        if t is None:
-            running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not running:
-                if counts["trained"] + counts["failed"]:
-                    print(f"this worker trained {counts['trained']} run(s) in "
-                          f"{lifecycle.duration(time.time() - began)}", flush=True)
-                return counts
-            print(f"waiting for {len(running)} running cell(s) on other workers", flush=True)
-            counts["waited"] = 1
-            time.sleep(poll)
-            continue
-        if eta is None:
-            eta = estimate(s, data, [(c.name, sd) for c in s.cells for sd in range(s.seeds)])
-            print(f"{len(left())} of {total} runs to train: about "
-                  f"{lifecycle.duration(eta.left(left()))} on this machine (from a short "
-                  f"measurement of each network here)", flush=True)
-        cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
-        finished = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        print(f"[{finished + 1}/{total}] {cell.name} seed {seed} (about "
-              f"{lifecycle.duration(eta.left(left()))} left)", flush=True)
-        t0 = time.time()
-        with lifecycle.unit(st, trial_id(t), heartbeat, f"cell {cell.name} seed {seed}") as out:
-            res = run_cell(s, st.study_name, cell, seed, data, parent)
-            storage_of(st).set_trial_user_attr(trial_id(t), "run_id", res.run_id)
-            out.value = res.metrics.get("val_acc", res.val_acc or 0.0)
-        if out.state == "complete":
-            eta.finished((cell.name, seed), time.time() - t0)
-        counts["trained" if out.state == "complete" else "failed"] += 1
+    with contextlib.ExitStack() as stack:
+        while True:
+            lifecycle.fail_stale(st)  # dead workers' cells go back to the queue
+            t = lifecycle.claim(st)
+            if t is None:
+                running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running:
+                    if counts["trained"] + counts["failed"]:
+                        stack.close()
+                        print(f"this worker trained {counts['trained']} run(s) in "
+                              f"{lifecycle.duration(time.time() - began)}", flush=True)
+                    return counts
+                print(f"waiting for {len(running)} running cell(s) on other workers", flush=True)
+                counts["waited"] = 1
+                time.sleep(poll)
+                continue
+            finished = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            if eta is None:
+                eta = estimate(s, data, [(c.name, sd) for c in s.cells for sd in range(s.seeds)])
+                print(f"{len(left())} of {total} runs to train: about "
+                      f"{lifecycle.duration(eta.left(left()))} on this machine (from a short "
+                      f"measurement of each network here)", flush=True)
+                bar = stack.enter_context(lifecycle.study_bar(total, finished))
+            cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
+            still = lifecycle.duration(eta.left(left()))
+            bar.n = finished
+            bar.set_postfix_str(f"about {still} left")
+            print(f"[{finished + 1}/{total}] {cell.name} seed {seed} (about {still} left)",
+                  flush=True)
+            t0 = time.time()
+            with lifecycle.unit(st, trial_id(t), heartbeat, f"cell {cell.name} seed {seed}") as out:
+                res = run_cell(s, st.study_name, cell, seed, data, parent)
+                storage_of(st).set_trial_user_attr(trial_id(t), "run_id", res.run_id)
+                out.value = res.metrics.get("val_acc", res.val_acc or 0.0)
+            if out.state == "complete":
+                eta.finished((cell.name, seed), time.time() - t0)
+            counts["trained" if out.state == "complete" else "failed"] += 1
 
 
 # --------------------------------------------------------------------------- the report
@@ -410,8 +456,7 @@ def pairs(s: StudyPlan) -> list[findings.Pair]:
 QUICK_WARNING = ("> **A pipeline demonstration; effects at this budget do not transfer.** "
                  "The `{profile}` profile trains every cell for a fraction of the study's own "
                  "budget, so its models end near chance and some effects here have the opposite "
-                 "sign of their full-budget value. The study's answer is the `full` profile's "
-                 "report; the project ships one in `docs/ablation-full/report.md`.")
+                 "sign of their full-budget value. ")
 
 
 @dataclass
@@ -439,7 +484,7 @@ def render(s: StudyPlan, r: StudyReport) -> str:
     """The report as Markdown, from the computed figures alone."""
     lines = [f"# Ablation report: `{r.name}`", ""]
     if s.profile != "full":
-        lines += [QUICK_WARNING.format(profile=s.profile), ""]
+        lines += [QUICK_WARNING.format(profile=s.profile) + ANSWER_IS, ""]
     lines += [f"Profile **{s.profile}**, {s.seeds} seed(s) per cell, device {r.device}"
               + (f", wall time {r.wall_s / 60:.1f} min (first run's start to last run's end)"
                  if r.wall_s else "") + ".",
@@ -524,18 +569,36 @@ CELL_GUIDE = ("A cell named after a stage (`advanced`) trains that stage as the 
               "base with T added (add one in).")
 
 
+def cells_view(st: optuna.Study, name: str, s: StudyPlan) -> str:
+    """A view of the study in the MLflow UI with no clicks: its runs grouped by cell, one row a
+    cell (the groups collapsed), each showing the mean of its seeds' test accuracy, with and
+    without TTA, and val accuracy. Returns the URL's path and query."""
+    metrics = [f"metrics.`{m}`" for m in ("test_acc", "test_acc_tta", "val_acc")]
+    return tracking.share_view(
+        mlflow.get_run(st.user_attrs["parent_run_id"]).info.experiment_id, name,
+        {"searchFilter": f"tags.study = '{name}'", "orderByKey": "attributes.start_time",
+         "orderByAsc": True, "selectedColumns": [*metrics, "tags.`seed`"],
+         "groupBy": {"aggregateFunction": "average",
+                     "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]},
+         "groupsExpanded": {f"tag.cell.{c.name}": False for c in s.cells},
+         "runsHiddenMode": "SHOW_ALL"})
+
+
 def study_description(name: str, s: StudyPlan) -> str:
     return (f"Ablation study `{name}` ({s.profile} profile, {s.seeds} seed(s) per cell, "
             f"{len(s.cells)} cells). The parent run `ablation {s.profile}` holds the report on "
             f"its overview page; each child run is one cell and seed, named `<cell> s<seed>`. "
-            f"{CELL_GUIDE} To compare cells: in the runs table, group by the tag `cell` and "
-            f"show `val_acc`, `test_acc` and `test_acc_tta`."
+            f"{CELL_GUIDE} To compare cells, open the view the study stored: this "
+            f"experiment's address ending in `/runs?workflowType=machine_learning&"
+            f"viewStateShareKey={name}` (the address the study prints at its end) shows one "
+            f"row per cell, the mean of its seeds' `test_acc`, `test_acc_tta` and `val_acc`."
             + ("" if s.profile == "full" else f" {FULL_ANSWER}"))
 
 
-FULL_ANSWER = ("This profile is a reduced demonstration whose effects do not transfer; the "
-               "study's answer at its own settings is in the project's "
-               "docs/ablation-full/ (the README's Measured results).")
+ANSWER_IS = ("The study's answer at its own settings is the README's \"The answer so far\" "
+             "and docs/ablation-full/report.md in the project; its runs open with `mlflow ui "
+             "--backend-store-uri sqlite:///docs/ablation-full/store/mlflow.db` there.")
+FULL_ANSWER = f"This profile is a reduced demonstration whose effects do not transfer. {ANSWER_IS}"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -579,6 +642,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
     print(f"study {name}: {len(s.cells)} cells x {s.seeds} seeds "
           f"({'created' if opened.created else 'joined'}), parent run {opened.parent}",
           flush=True)
+    view = cells_view(opened.study, name, s)
     # Extra local workers join the study only now that it exists, so they never race to
     # create the stores.
     helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
@@ -591,6 +655,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
                 print(f"a local worker (pid {h.pid}) exited with {h.returncode}; its cells go "
                       f"back to the queue", flush=True)
     out = {"study": name, "profile": s.profile, "parent_run_id": opened.parent, "report": "",
+           "view": view,
            **counts,
            "helpers_exit": [h.returncode for h in helpers]}
     if not o.write_report:
@@ -671,8 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         lifecycle.say_stopped("pipeline.ablate", argv, under_mlflow_run)
         raise
     print(out["report"])
-    print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()} (experiment of "
-          f"study {out['study']}; the report is on the parent run's overview page)."
+    print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then "
+          f"http://127.0.0.1:5000/{out['view']} (the study's cells, each the mean of its seeds; "
+          f"the report is on the parent run `ablation {out['profile']}`)."
           + ("" if out.get("profile") == "full" else f"\n{FULL_ANSWER}"))
     return 0
 

@@ -447,10 +447,11 @@ class StopRun(Exception):
         self.state = state
 
 
-def measure_training(cfg: Config, seconds: float = 1.0) -> float:
-    """Training images/s of ``cfg``'s step on this machine, measured on random faces: the
-    step the run will take (device, precision, augmentation, CUDA graph), after one warm-up
-    epoch. A short measurement, for estimating how long a study will take."""
+def measure_rates(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
+    """Training and scoring images/s of ``cfg``'s network on this machine, measured on random
+    faces: the step the run will take (device, precision, augmentation, CUDA graph), after one
+    warm-up epoch, then the same faces scored as validation scores them. A short measurement,
+    for estimating how long a study will take."""
     rt = Runtime(cfg)
     gen = torch.Generator().manual_seed(0)
     n = cfg.batch_size * 2
@@ -459,11 +460,15 @@ def measure_training(cfg: Config, seconds: float = 1.0) -> float:
     model = rt.model(build_model(cfg))
     opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
     step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg))
-    train_one_epoch(step, gen, desc="measuring")
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or done == 0:
-        train_one_epoch(step, gen, desc="measuring")
-        done += n
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - t0)
+    rates = []
+    for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
+                     lambda: predict(model, images, rt)):
+        one_pass()  # warm-up (the first scoring pass builds its own kernels)
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2 or done == 0:
+            one_pass()
+            done += n
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(done / (time.perf_counter() - t0))
+    return rates[0], rates[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import os
 import shlex
@@ -39,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session as rdb_session
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
 from . import tracking
 from .cli import whole  # noqa: F401 (the studies take it from here with their other arguments)
@@ -395,24 +397,76 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class Eta:
-    """How long the units left will take this worker: each unit's predicted seconds (its
-    training images over the rate measured on this machine) times a scale, which starts at a
-    prior for what comes on top of training (validation, final scoring, logging) and becomes
-    the ratio of measured to predicted time once units have finished here."""
+    """How long the units left will take this worker: each unit's predicted seconds (the images
+    it trains on and scores, over the rates measured on this machine) times a scale for what the
+    prediction leaves out (start-up, logging, plots). The scale starts at a prior and moves to
+    the ratio of measured to predicted time as units finish here, in proportion to the share of
+    the predicted work they make up, so that one short unit, whose fixed costs weigh most,
+    cannot swing the estimate of the whole."""
 
     predicted: dict[Any, float]
-    scale: float = 1.3
+    scale: float = 1.15
+    weight: float = 0.0  # predicted seconds the prior counts as; 0: a tenth of the total
     _predicted_done: float = 0.0
     _measured_done: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._prior = self.scale
+        self.weight = self.weight or max(0.1 * sum(self.predicted.values()), 1e-9)
 
     def finished(self, key: Any, seconds: float) -> None:
         self._predicted_done += self.predicted[key]
         self._measured_done += seconds
-        if self._predicted_done > 0:
-            self.scale = self._measured_done / self._predicted_done
+        self.scale = ((self._prior * self.weight + self._measured_done)
+                      / (self.weight + self._predicted_done))
 
     def left(self, keys: list[Any]) -> float:
         return self.scale * sum(self.predicted[k] for k in keys)
+
+
+class _AboveBars(io.TextIOBase):
+    """Standard output printed above the progress bars, a whole line at a time, so that a bar
+    is never drawn into the middle of a line."""
+
+    def __init__(self, out: Any, bars_file: Any):
+        self.out, self.bars_file, self.pending = out, bars_file, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, _, self.pending = self.pending.rpartition("\n")
+            with tqdm.external_write_mode(file=self.bars_file):
+                self.out.write(lines + "\n")
+                self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def study_bar(total: int, done: int, file: Any = None) -> Iterator[tqdm]:
+    """A bar across the whole study, kept below everything else the workers print (per-epoch
+    lines and bars); the caller sets its ETA as the postfix. Shown on a terminal only: a log
+    file gets the progress lines alone."""
+    file = file if file is not None else sys.stderr
+    bar = tqdm(total=total, initial=done, file=file, disable=None, unit="run", desc="study",
+               bar_format="{desc} {n_fmt}/{total_fmt} runs |{bar}| {elapsed} so far, {postfix}",
+               dynamic_ncols=True)
+    try:
+        if bar.disable:
+            yield bar
+        else:
+            with contextlib.redirect_stdout(_AboveBars(sys.stdout, file)) as above:
+                try:
+                    yield bar
+                finally:
+                    above.write("\n" if above.pending else "")
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------- units of work

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -108,6 +109,23 @@ def mark_model_training(exp: Any) -> None:
     """Open the experiment in MLflow's model-training view, unless its kind is already set."""
     if KIND_TAG not in exp.tags:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_TRAINING)
+
+
+# The MLflow UI's Share button stores a runs-table view as an experiment tag under this prefix;
+# the URL's viewStateShareKey names it, and the UI opens the experiment on that view. (Read off
+# MLflow 3.17's UI: the shared state carries the search, the order, the columns and the
+# grouping; it leaves out which runs are expanded.)
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+
+
+def share_view(experiment_id: str, key: str, state: dict[str, Any]) -> str:
+    """Store a runs-table view in the experiment, as the UI's Share button would, and return
+    the path and query that open the UI on it."""
+    mlflow.MlflowClient().set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key,
+                                             json.dumps(state, separators=(",", ":")))
+    # workflowType: MLflow 3's UI otherwise opens in its GenAI mode (traces, an assistant).
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={key}")
 
 
 def sweep_dead_runs() -> list[str]:

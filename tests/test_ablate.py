@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -45,7 +46,8 @@ def child_runs(study_name: str):
 def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e",
-                        "ablate", "--env-manager", "local", "-P", f"data={kaggle_csv}",
+                        "ablate", "--env-manager", "local", "--experiment-name",
+                        "fer2013-ablation", "-P", f"data={kaggle_csv}",
                         "-P", "profile=smoke", "-P", f"storage=sqlite:///{tmp_path}/ablate.db",
                         # `mlflow run` works in the project folder: outputs go here instead
                         "-P", f"report_dir={tmp_path / 'ablation_report'}"],
@@ -118,6 +120,22 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     assert "effects at this budget do not transfer" in report.split("## Effects")[0]
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/forest.png", "report/ladder.png"} <= arts
+    # The end names the address of a view the study stored in its experiment: its runs, grouped
+    # by cell, with the test accuracy columns. It is the UI's own shared-view tag, read as the
+    # UI reads it (plain JSON); the search keeps other studies' runs out of the groups.
+    exp_id = parent.info.experiment_id
+    url = re.search(r"then (http://127\.0\.0\.1:5000/\S+) ", r.stdout).group(1)
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType="
+                   f"machine_learning&viewStateShareKey={study_name}")
+    tags = mlflow.MlflowClient().get_experiment(exp_id).tags
+    view = json.loads(tags[f"mlflow.sharedViewState.{study_name}"])
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "cell"}]
+    assert {"metrics.`test_acc`", "metrics.`test_acc_tta`"} <= set(view["selectedColumns"])
+    assert view["groupsExpanded"] == {f"tag.cell.{c.name}": False for c in s.cells}
+    shown = mlflow.search_runs([exp_id], filter_string=view["searchFilter"], output_format="list")
+    assert {x.info.run_id for x in shown} == {x.info.run_id for x in children} | {
+        parent.info.run_id}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_resume_skips_finished_cells(kaggle_csv, tmp_path):
@@ -331,6 +349,46 @@ def test_extra_cells_are_named_after_their_overrides_and_paired(tmp_path):
     assert full.seeds == 5
     assert "improved -batchnorm lr=0.0001" in {c.name for c in full.cells}
     assert load_study(ROOT / "ablations/study.yaml", "full", seeds=2).seeds == 2
+
+
+def test_a_stage_budget_applies_to_that_stage_s_cells_and_the_command_line_overrides_it(
+        tmp_path):
+    from pipeline.ablate import fingerprint
+
+    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
+    d["profiles"]["smoke"]["stage_set"] = {"basic": {"width": 0.25, "epochs": 2}}
+    p = tmp_path / "staged.yaml"
+    p.write_text(yaml.safe_dump(d))
+    s = load_study(p, "smoke")
+    width = {c.name: s.config(c, 0).width for c in s.cells}
+    assert width["basic"] == width["basic +augment"] == 0.25  # both arms of a basic pair
+    assert width["improved"] == width["improved -augment"] == 0.125  # the profile's
+    assert s.config(s.cells[0], 0).epochs == 2
+    assert s.reduced().endswith("; stage basic: epochs=2, width=0.25")  # (yaml sorts keys)
+    plain = load_study(ROOT / "ablations/study.yaml", "smoke")
+    assert fingerprint(s) != fingerprint(plain)  # another budget is another study
+    cli = load_study(p, "smoke", budget={"width": 0.5})
+    assert {cli.config(c, 0).width for c in cli.cells} == {0.5}
+    assert cli.config(cli.cells[0], 0).epochs == 2  # what the command line left alone stays
+    # The shipped quick profile trains the basic net wider than the rest.
+    quick = load_study(ROOT / "ablations/study.yaml", "quick")
+    assert {c.name for c in quick.cells if quick.config(c, 0).width == 0.25} == {
+        c.name for c in quick.cells if c.stage == "basic"}
+
+
+@pytest.mark.parametrize("stage_set, needle", [
+    ({"vgg": {"width": 0.25}}, "stage_set entry 'vgg'"),
+    ({"basic": {"width": 0}}, "width=0"),
+    ([{"basic": {"width": 0.25}}], "stage_set must map stage names"),
+])
+def test_a_bad_stage_budget_fails_before_training(tmp_path, stage_set, needle):
+    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
+    d["profiles"]["smoke"]["stage_set"] = stage_set
+    p = tmp_path / "bad_stage.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(UsageError) as e:
+        load_study(p, "smoke")
+    assert needle in str(e.value) and "profile smoke" in str(e.value)
 
 
 @pytest.mark.parametrize("spec, needle", [

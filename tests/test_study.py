@@ -4,6 +4,8 @@ profiles, and a unit's outcome recorded whatever its body does."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -83,15 +85,48 @@ def test_a_stopped_unit_goes_back_to_the_queue_at_once_and_the_stop_goes_on_up()
     assert again is not None and again.user_attrs["unit"] == 0
 
 
-def test_the_eta_scales_its_prediction_by_how_finished_units_compared():
-    eta = lifecycle.Eta({"a": 10.0, "b": 20.0, "c": 30.0}, scale=1.25)
-    assert eta.left(["a", "b", "c"]) == 75.0  # before any unit: the prior on top of training
-    eta.finished("a", 20.0)  # took twice its prediction
-    assert eta.left(["b", "c"]) == 100.0
-    eta.finished("b", 10.0)  # 30 s measured for 30 s predicted
-    assert eta.left(["c"]) == 30.0
+def test_the_eta_moves_from_its_prior_to_the_measured_ratio_by_the_share_of_work_done():
+    eta = lifecycle.Eta({"a": 10.0, "b": 20.0, "c": 70.0}, scale=1.25)  # the prior: 10 s of 100
+    assert eta.left(["a", "b", "c"]) == 125.0  # before any unit: the prior on top
+    eta.finished("a", 30.0)  # a short unit took three times its prediction:
+    assert eta.left(["b", "c"]) == pytest.approx((12.5 + 30) / 20 * 90)  # half-way, not 3x
+    eta.finished("b", 20.0)
+    assert eta.left(["c"]) == pytest.approx((12.5 + 50) / 40 * 70)
     assert [lifecycle.duration(x) for x in (42, 420, 4200, 7260)] == \
         ["42 s", "7 min", "70 min", "2 h 01 min"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_lines_printed_during_a_study_land_whole_above_its_progress_bar():
+    term = _Terminal()
+    with contextlib.redirect_stdout(term):
+        with lifecycle.study_bar(total=5, done=1, file=term) as bar:
+            bar.set_postfix_str("about 3 min left")
+            print("basic epoch 1/3: loss 1.84 acc 0.24")
+            print("partial", end="", flush=True)  # a line written in pieces stays one line
+            bar.update()
+            print(" line")
+    text = term.getvalue()
+    assert "basic epoch 1/3: loss 1.84 acc 0.24\n" in text
+    assert "partial line\n" in text
+    assert "study 1/5 runs" in text and "study 2/5 runs" in text
+    assert "about 3 min left" in text
+    # The bar is redrawn below each line: the last thing on screen after the first line is a bar.
+    after = text.split("basic epoch 1/3: loss 1.84 acc 0.24\n", 1)[1]
+    assert after.lstrip("\r").startswith("study 1/5 runs")
+
+
+def test_the_study_bar_stays_off_where_its_output_is_not_a_terminal():
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        with lifecycle.study_bar(total=5, done=0, file=log) as bar:
+            bar.set_postfix_str("about 3 min left")
+            print("a line")
+    assert log.getvalue() == "a line\n"
 
 
 def test_a_unit_whose_worker_died_before_its_first_beat_is_retried_not_waited_on_for_ever(

@@ -388,6 +388,8 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
             if out.state == "complete":
                 eta.finished((cell.name, seed), time.time() - t0)
             counts["trained" if out.state == "complete" else "failed"] += 1
+            bar.n = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            bar.set_postfix_str(f"about {lifecycle.duration(eta.left(left()))} left")
 
 
 # --------------------------------------------------------------------------- the report

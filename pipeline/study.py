@@ -405,7 +405,7 @@ class Eta:
     cannot swing the estimate of the whole."""
 
     predicted: dict[Any, float]
-    scale: float = 1.15
+    scale: float = 1.1
     weight: float = 0.0  # predicted seconds the prior counts as; 0: a tenth of the total
     _predicted_done: float = 0.0
     _measured_done: float = 0.0
@@ -454,7 +454,7 @@ def study_bar(total: int, done: int, file: Any = None) -> Iterator[tqdm]:
     file gets the progress lines alone."""
     file = file if file is not None else sys.stderr
     bar = tqdm(total=total, initial=done, file=file, disable=None, unit="run", desc="study",
-               bar_format="{desc} {n_fmt}/{total_fmt} runs |{bar}| {elapsed} so far, {postfix}",
+               bar_format="{desc} {n_fmt}/{total_fmt} runs |{bar}| {elapsed} so far{postfix}",
                dynamic_ncols=True)
     try:
         if bar.disable:

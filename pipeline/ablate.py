@@ -578,7 +578,9 @@ def cells_view(st: optuna.Study, name: str, s: StudyPlan) -> str:
     metrics = [f"metrics.`{m}`" for m in ("test_acc", "test_acc_tta", "val_acc")]
     return tracking.share_view(
         mlflow.get_run(st.user_attrs["parent_run_id"]).info.experiment_id, name,
-        {"searchFilter": f"tags.study = '{name}'", "orderByKey": "attributes.start_time",
+        # Finished runs only: a stopped run's seed would count in its group without a figure.
+        {"searchFilter": f"tags.study = '{name}' and attributes.status = 'FINISHED'",
+         "orderByKey": "attributes.start_time",
          "orderByAsc": True, "selectedColumns": [*metrics, "tags.`seed`"],
          "groupBy": {"aggregateFunction": "average",
                      "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]},

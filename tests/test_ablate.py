@@ -45,6 +45,7 @@ def child_runs(study_name: str):
 @pytest.mark.slow
 def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # as the README runs it: by experiment name
     r = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e",
                         "ablate", "--env-manager", "local", "--experiment-name",
                         "fer2013-ablation", "-P", f"data={kaggle_csv}",
@@ -162,7 +163,8 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
     study = mini_study(tmp_path)
     out = ablate_study(kaggle_csv, study, exp=exp)
     exp = mlflow.get_experiment_by_name(out["study"])
-    assert exp is not None and "group by the tag `cell`" in exp.tags["mlflow.note.content"]
+    assert exp is not None and f"viewStateShareKey={out['study']}`" in exp.tags[
+        "mlflow.note.content"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the training view
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
     assert len(runs) == 1 + 4  # the parent and every (cell, seed), nothing else

@@ -350,7 +350,15 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
         return [(t.user_attrs["cell"], int(t.user_attrs["seed"])) for t in st.get_trials(
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))]
 
-    eta, began = None, time.time()
+    def progress() -> tuple[int, str]:
+        """Runs finished by any worker and the time left; the bar shows both."""
+        done = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        still = lifecycle.duration(eta.left(left()))
+        bar.n = done
+        bar.set_postfix_str(f"about {still} left")
+        return done, still
+
+    eta, bar, began = None, None, time.time()
     with contextlib.ExitStack() as stack:
         while True:
             lifecycle.fail_stale(st)  # dead workers' cells go back to the queue
@@ -359,6 +367,7 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
                 running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
                     if counts["trained"] + counts["failed"]:
+                        progress()  # the bar ends on the finished count
                         stack.close()
                         print(f"this worker trained {counts['trained']} run(s) in "
                               f"{lifecycle.duration(time.time() - began)}", flush=True)
@@ -367,17 +376,14 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
                 counts["waited"] = 1
                 time.sleep(poll)
                 continue
-            finished = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             if eta is None:
                 eta = estimate(s, data, [(c.name, sd) for c in s.cells for sd in range(s.seeds)])
                 print(f"{len(left())} of {total} runs to train: about "
                       f"{lifecycle.duration(eta.left(left()))} on this machine (from a short "
                       f"measurement of each network here)", flush=True)
-                bar = stack.enter_context(lifecycle.study_bar(total, finished))
+                bar = stack.enter_context(lifecycle.study_bar(total, 0))
             cell, seed = by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
-            still = lifecycle.duration(eta.left(left()))
-            bar.n = finished
-            bar.set_postfix_str(f"about {still} left")
+            finished, still = progress()
             print(f"[{finished + 1}/{total}] {cell.name} seed {seed} (about {still} left)",
                   flush=True)
             t0 = time.time()
@@ -388,8 +394,6 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
             if out.state == "complete":
                 eta.finished((cell.name, seed), time.time() - t0)
             counts["trained" if out.state == "complete" else "failed"] += 1
-            bar.n = len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            bar.set_postfix_str(f"about {lifecycle.duration(eta.left(left()))} left")
 
 
 # --------------------------------------------------------------------------- the report

@@ -20,11 +20,12 @@ from torchvision import transforms as T
 
 from . import data as fer
 from .cli import parser, run_main
+from .errors import UsageError
 from .config import STAGE_DIR, STAGES, build, parse_set
 from .engine import (Recipe, Runtime, TrainStep, build_optimizer, predict, seed_everything,
                      train_one_epoch)
 from .models import build_model
-
+from .slots import measure_concurrent
 
 
 def _images(data: fer.FerData | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +172,35 @@ def _time_loads(data_path: str | None, tmp: Path) -> dict[str, Any]:
             "data": data}
 
 
+def bench_concurrent(stage: str, overrides: dict, seconds: float,
+                     ks: list[int]) -> dict[str, dict[str, Any]]:
+    """Total training images/s of ``stage`` with K runs at once in this process, each on its
+    own thread (and CUDA stream and graph), for each K; on a CPU each run gets the cores
+    divided by K as threads."""
+    cfg = build(STAGE_DIR / f"{stage}.yaml", overrides)
+    cpu = Runtime(cfg).device.type == "cpu"
+    threads = torch.get_num_threads()
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for k in ks:
+            if cpu:
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // k))
+            try:
+                out[str(k)] = measure_concurrent(cfg, k, seconds)
+            except torch.OutOfMemoryError:
+                out[str(k)] = {"img_per_s": None, "error": "out of memory"}
+                break
+            one = out[str(ks[0])]["img_per_s"]
+            out[str(k)]["speedup"] = round(out[str(k)]["img_per_s"] / one, 2)
+            print(f"concurrent {k}: {out[str(k)]}", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def run_bench(data_path: str | None, overrides: dict, seconds: float,
-              stages: list[str], model_uri: str | None = None) -> dict[str, Any]:
+              stages: list[str], model_uri: str | None = None,
+              concurrent: list[int] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     saved = os.environ.get("FER_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +223,10 @@ def run_bench(data_path: str | None, overrides: dict, seconds: float,
         plain = bench_plain(images, labels, overrides, seconds)
         out["plain_improved_train_img_per_s"] = round(plain, 1)
         out["speedup_improved"] = round(out["stages"]["improved"]["train_img_per_s"] / plain, 2)
+    if concurrent:
+        stage = "improved" if "improved" in stages or not stages else stages[0]
+        out["concurrent_stage"] = stage
+        out["concurrent"] = bench_concurrent(stage, overrides, seconds, concurrent)
     if model_uri:
         out["inference"] = bench_inference(model_uri, seconds)
         print(f"inference  {out['inference']}", flush=True)
@@ -203,6 +235,17 @@ def run_bench(data_path: str | None, overrides: dict, seconds: float,
         f" ({torch.cuda.get_device_name()})" if rt.device.type == "cuda" else
         f" ({torch.get_num_threads()} threads)")
     return out
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = [0]
+    if any(k < 1 for k in ks):
+        raise UsageError(f"--concurrent {text}: expected whole numbers 1 or more separated by "
+                         f"commas, e.g. 1,2,4,8.")
+    return ks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-uri", default=str(Path(__file__).resolve().parent.parent / "models" /
                                               "improved"),
                    help="a served model whose CPU scoring speed to measure ('' to skip)")
+    p.add_argument("--concurrent", default="", metavar="K,K,...",
+                   help="also measure the improved stage (or the first of --stages) with K runs "
+                        "training at once in one process, for each K, e.g. 1,2,4,8")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     stages = [s for s in a.stages.split(",") if s]
-    out = run_bench(a.data, parse_set(a.set), a.seconds, stages, a.model_uri or None)
+    ks = _ks(a.concurrent)
+    out = run_bench(a.data, parse_set(a.set), a.seconds, stages, a.model_uri or None, ks)
     if a.json:
         print(json.dumps(out))
     else:
@@ -228,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"improved: plain approach {out['plain_improved_train_img_per_s']} img/s, "
                   f"this pipeline {out['stages']['improved']['train_img_per_s']} img/s "
                   f"({out['speedup_improved']}x)")
+        if "concurrent" in out:
+            print(f"{out['concurrent_stage']}, runs training at once in one process:")
+            print(f"{'K':>3} {'total img/s':>12} {'per run':>9} {'vs K=1':>7} {'threads/run':>11}"
+                  f" {'GPU MiB/run':>11}")
+            for k, r in out["concurrent"].items():
+                if r["img_per_s"] is None:
+                    print(f"{k:>3} {r['error']}")
+                    continue
+                print(f"{k:>3} {r['img_per_s']:>12,.0f} {r['img_per_s'] / int(k):>9,.0f} "
+                      f"{r['speedup']:>6.2f}x {r['threads_per_slot']:>11} "
+                      f"{r.get('memory_per_slot_mib', '-'):>11}")
         if "inference" in out:
             i = out["inference"]
             line = (f"served model, {i['threads']} threads: bare network {i['bare_img_per_s']} "

@@ -1,10 +1,13 @@
 """Exactly one training epoch and one evaluation, each returning a dict; plus the pieces they need
-(device, precision, optimiser, scheduler, early stopping, seeding)."""
+(device, precision, optimiser, scheduler, early stopping, a run's own random generators, and the
+slot a run trains in when several train at once in one process)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,14 +25,151 @@ from .config import OPTIMIZERS, SCHEDULERS, Config
 from .errors import ConfigError, TrainingError
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """The one place runs are seeded."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, deterministic: bool = False, global_rng: bool = True) -> None:
+    """Seed the global generators (a run draws from its own, :class:`RunRandom`; code beside it
+    may not) and choose the kernels. ``global_rng=False`` leaves the global generators alone,
+    as runs trained side by side must: one run's seeding would reseed the others'."""
+    if global_rng:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = not deterministic
+
+
+# --------------------------------------------------------------------------- a run's randomness
+
+
+class RunRandom:
+    """Every random draw of one run comes from generators of its own, never from torch's global
+    one, so that runs trained side by side in one process draw exactly what each draws alone.
+
+    Seeded so that a run draws what it drew when its draws came from the global generator
+    seeded with its seed: ``init`` is that CPU stream (the network's initialisation, then, on a
+    CPU, its dropout masks, in that order); on a GPU the dropout masks come from ``dropout``, a
+    generator on the device seeded the same way, as the device's global one was. The data order
+    and the augmentation draws keep their own CPU generator, ``order``, as before. Paired arms of
+    one seed therefore still share their initial weights and batches (common random numbers)."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.order = torch.Generator().manual_seed(seed)
+        self.init = torch.Generator().manual_seed(seed)
+        self.dropout = (self.init if device.type == "cpu"
+                        else torch.Generator(device).manual_seed(seed))
+
+    def graphed_generators(self) -> tuple[torch.Generator, ...]:
+        """The generators a CUDA graph of the run's step must be registered with."""
+        return (self.dropout,) if self.dropout.device.type == "cuda" else ()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The key names of the checkpoints written while these were global generators, so that
+        # a checkpoint of either kind resumes the same run.
+        return {"generator": self.order.get_state(), "torch_rng": self.init.get_state(),
+                "dropout_rng": None if self.dropout is self.init else self.dropout.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.order.set_state(state["generator"])
+        self.init.set_state(state["torch_rng"])
+        if self.dropout is self.init:
+            return
+        if state.get("dropout_rng") is not None:
+            self.dropout.set_state(state["dropout_rng"])
+        elif state.get("cuda_rng") and device.type == "cuda":
+            self.dropout.set_state(state["cuda_rng"][device.index or 0])
+
+
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def drawing_from(gen: torch.Generator):
+    """Run the block with torch's global CPU generator standing in for ``gen`` (and ``gen``
+    advanced by what the block drew): a module's default initialisation takes no generator.
+    The lock keeps two runs from building their networks on the global one at once."""
+    with _GLOBAL_RNG:
+        saved = torch.get_rng_state()
+        torch.set_rng_state(gen.get_state())
+        try:
+            yield
+        finally:
+            gen.set_state(torch.get_rng_state())
+            torch.set_rng_state(saved)
+
+
+class RunDropout(nn.Module):
+    """Element-wise dropout drawing its masks from a run's own generator, with the same kernels
+    as ``nn.Dropout`` (CPU: a Bernoulli noise tensor; CUDA: the fused kernel that
+    ``nn.Dropout`` calls there), so that from the same generator state it drops the same
+    elements and scales them the same way."""
+
+    def __init__(self, p: float, generator: torch.Generator):
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.numel() == 0:
+            return x
+        if self.p == 1:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        if x.is_cuda:
+            return torch._fused_dropout(x, 1 - self.p, self.generator)[0]
+        noise = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * noise.div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def build_net(cfg: Config, rt: "Runtime", rng: RunRandom) -> nn.Module:
+    """``cfg``'s network on the run's device, initialised from ``rng.init`` and with its dropout
+    drawing from ``rng.dropout``. Its state_dict is the plain network's (dropout has none)."""
+    with drawing_from(rng.init):
+        model = build_model(cfg)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, RunDropout(child.p, rng.dropout))
+    return rt.model(model)
+
+
+# --------------------------------------------------------------------------- slots
+
+
+@dataclass
+class Slot:
+    """Where the current thread's run trains: alone (the default), or in slot ``index`` of
+    several trained at once, with ``stop`` set when they must all stop (a stop reaches a run
+    as a KeyboardInterrupt at its next batch, as Ctrl-C reaches a run trained alone) and
+    ``label`` naming the run on its printed lines."""
+
+    index: int = 0
+    stop: threading.Event | None = None
+    label: str = ""
+    concurrent: bool = False
+
+
+_SOLO = Slot()
+_here = threading.local()
+
+
+def current_slot() -> Slot:
+    return getattr(_here, "slot", _SOLO)
+
+
+@contextlib.contextmanager
+def in_slot(slot: Slot):
+    _here.slot = slot
+    try:
+        yield slot
+    finally:
+        _here.slot = _SOLO
+
+
+def stop_point() -> None:
+    stop = current_slot().stop
+    if stop is not None and stop.is_set():
+        raise KeyboardInterrupt
 
 
 def available_devices() -> list[str]:
@@ -239,11 +379,22 @@ class Recipe:
                    cfg.label_smoothing, cfg.grad_clip)
 
 
+_CAPTURE = threading.Lock()
+
+
 class CudaGraphs:
     """How a graphed :class:`TrainStep` runs its warm-up steps and captures its graph: warm-up
     on a side stream (as capture requires), capture with ``torch.cuda.graph``. A stand-in with
     the same two methods (capture records ``fn`` without running it, as CUDA does) lets the
-    step's logic be checked without a GPU."""
+    step's logic be checked without a GPU.
+
+    ``generators`` are the run's own CUDA generators the step draws from (dropout): a graph
+    advances a generator's offset on each replay only if it is registered with it. Captures are
+    one at a time in a process (torch's rule); while runs train side by side, a capture checks
+    only its own thread's calls, so that the other slots go on launching and allocating."""
+
+    def __init__(self, generators: tuple[torch.Generator, ...] = ()):
+        self.generators = generators
 
     def eager(self, fn: Callable[[], None]) -> None:
         side = torch.cuda.Stream()
@@ -254,7 +405,10 @@ class CudaGraphs:
 
     def capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        for g in self.generators:
+            graph.register_generator_state(g)
+        mode = "thread_local" if current_slot().concurrent else "global"
+        with _CAPTURE, torch.cuda.graph(graph, capture_error_mode=mode):
             fn()
         return graph
 
@@ -271,14 +425,16 @@ class TrainStep:
     costs more than running them. Every call updates the weights exactly once: capture records
     without running, so the capturing call's batch is trained by its one replay. A graph has one
     batch shape, so the epoch's last, partial batch is skipped (a different one each epoch).
-    ``graphs`` replaces the CUDA machinery (tests).
+    ``graphs`` replaces the CUDA machinery (tests); ``generators`` are the run's own CUDA
+    generators that the step draws from, for the graph to advance.
     """
 
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime,
                  images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, *,
-                 graphs: CudaGraphs | None = None):
+                 graphs: CudaGraphs | None = None,
+                 generators: tuple[torch.Generator, ...] = ()):
         self.model, self.opt, self.rt, self.recipe = model, opt, rt, recipe
         self.images, self.labels = images, labels  # on the device, for the whole run
         self.batch_size = batch_size = recipe.batch_size
@@ -288,7 +444,7 @@ class TrainStep:
         self.finite = torch.ones((), device=dev, dtype=torch.bool)
         self.last_loss = torch.zeros((), device=dev)
         self.graphed = (rt.graphs or graphs is not None) and len(labels) >= batch_size
-        self.graphs = graphs or CudaGraphs()
+        self.graphs = graphs or CudaGraphs(generators)
         if self.graphed:
             self.idx = torch.zeros(batch_size, device=dev, dtype=torch.long)
             self.u = torch.zeros(batch_size, N_DRAWS, device=dev)
@@ -364,8 +520,10 @@ def train_one_epoch(step: TrainStep, gen: torch.Generator, schedule: Schedule | 
     step.reset()
     seen = 0
     t0 = time.perf_counter()
-    bar = tqdm(range(0, n, bs), desc=desc, leave=False, disable=None, unit="batch")
+    bar = tqdm(range(0, n, bs), desc=desc, leave=False, unit="batch",
+               disable=True if current_slot().concurrent else None)
     for i, start in enumerate(bar):
+        stop_point()
         idx = order[start:start + bs]
         if (len(idx) < 2 and n > 1) or (step.graphed and len(idx) < bs):
             continue  # BatchNorm cannot train on a batch of one; a graph has one batch shape
@@ -401,7 +559,9 @@ def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = Fal
     bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
     plain, averaged = [], []
     rng = range(0, len(images), bs)
-    for start in tqdm(rng, desc=progress, leave=False, disable=None if progress else True):
+    for start in tqdm(rng, desc=progress, leave=False,
+                      disable=None if progress and not current_slot().concurrent else True):
+        stop_point()
         x = rt.to_input(images[start:start + bs].to(rt.device))
         with rt.autocast():
             ps = view_probs(model, x, thetas, cfg.normalize)
@@ -453,13 +613,15 @@ def measure_rates(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
     warm-up epoch, then the same faces scored as validation scores them. A short measurement,
     for estimating how long a study will take."""
     rt = Runtime(cfg)
-    gen = torch.Generator().manual_seed(0)
+    rng = RunRandom(0, rt.device)
+    gen = rng.order
     n = cfg.batch_size * 8  # a pass long enough that its fixed costs do not dominate
     images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 7, (n,), generator=gen)
-    model = rt.model(build_model(cfg))
+    model = build_net(cfg, rt, rng)
     opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
-    step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg))
+    step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg),
+                     generators=rng.graphed_generators())
     rates = []
     for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
                      lambda: predict(model, images, rt)):

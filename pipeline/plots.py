@@ -1,4 +1,6 @@
-"""Figures logged as artifacts. Every function returns a matplotlib Figure (Agg backend)."""
+"""Figures logged as artifacts. Every function returns a matplotlib Figure of its own, made without
+pyplot, whose figure registry is not thread-safe: runs training side by side in one process draw
+their figures at the same time."""
 
 from __future__ import annotations
 
@@ -9,13 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from .config import EMOTIONS  # noqa: E402
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], **kw: Any):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
 def class_distribution(counts: dict[str, dict[str, int]]):
     """Grouped bars: one group per emotion, one bar per split."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = _subplots(figsize=(9, 4))
     parts = [p for p, c in counts.items() if sum(c.values())]
     w = 0.8 / max(len(parts), 1)
     x = np.arange(len(EMOTIONS))
@@ -32,7 +40,7 @@ def class_distribution(counts: dict[str, dict[str, int]]):
 def face_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, seed: int = 0,
               title: str = "Sample faces per emotion"):
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(EMOTIONS), per_class, figsize=(per_class * 1.1, 7 * 1.15))
+    fig, axes = _subplots(len(EMOTIONS), per_class, figsize=(per_class * 1.1, 7 * 1.15))
     for c, name in enumerate(EMOTIONS):
         idx = np.flatnonzero(labels == c)
         pick = rng.permutation(idx)[:per_class]
@@ -49,7 +57,7 @@ def face_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, seed: 
 
 def learning_curves(history: list[dict[str, float]]):
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(10, 4))
     for part in ("train", "val"):
         a1.plot(ep, [h[f"{part}/loss"] for h in history], marker="o", label=part)
         a2.plot(ep, [h[f"{part}/acc"] for h in history], marker="o", label=part)
@@ -63,7 +71,7 @@ def learning_curves(history: list[dict[str, float]]):
 
 def confusion(cm: np.ndarray, title: str = "Confusion matrix (rows normalised)"):
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = _subplots(figsize=(6.5, 5.5))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45, ha="right")
     ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
@@ -83,7 +91,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, n: 
     pick = np.random.default_rng(seed).permutation(wrong)[:n]
     cols = 8
     rows = max(1, int(np.ceil(len(pick) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(pick):
@@ -98,7 +106,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, n: 
 def forest(rows: Sequence[Any]):
     """One line per effect on test (``findings.Effect``): mean and 95% CI in accuracy points,
     zero marked; a row whose arm did not train shows that instead of a size."""
-    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
+    fig, ax = _subplots(figsize=(8.5, 0.45 * len(rows) + 1.6))
     y = np.arange(len(rows))[::-1]
     for yi, e in zip(y, rows):
         if not e.is_size:
@@ -121,7 +129,7 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
            reported: dict[str, float]):
     """Measured val accuracy (mean, lo, hi) per stage, as selected on (with TTA where the stage
     validates with TTA), beside the study's reported figure."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     x = np.arange(len(stages))
     m = np.array([measured.get(s, (np.nan,) * 3)[0] for s in stages])
     # An accuracy interval never leaves [0, 1], however few seeds stretched it.
@@ -141,7 +149,7 @@ def ladder(stages: Sequence[str], measured: dict[str, tuple[float, float, float]
 def emotions_over_time(times: np.ndarray, probs: np.ndarray, faces: np.ndarray, title: str):
     """Each emotion's probability at each sampled moment of a video, averaged over the faces
     found then; moments without a face are gaps, and a strip below counts the faces."""
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True,
+    fig, (ax, axn) = _subplots(2, 1, figsize=(10, 4.6), sharex=True,
                                   gridspec_kw={"height_ratios": [4, 1]})
     for i, e in enumerate(EMOTIONS):
         ax.plot(times, probs[:, i], marker=".", ms=3, lw=1.2, label=e)

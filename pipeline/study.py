@@ -105,7 +105,7 @@ def say_stopped(module: str, argv: list[str] | None, under_mlflow_run: bool) -> 
     """What a stopped study kept, and the exact command that continues it."""
     again = ("the same `mlflow run` command" if under_mlflow_run else
              f"`{shlex.join(['python', '-m', module, *(sys.argv[1:] if argv is None else argv)])}`")
-    print(f"stopped: the study keeps every finished run, and the stopped one goes back to its "
+    print(f"stopped: the study keeps every finished run, and the stopped ones go back to its "
           f"queue; continue the study with {again}", file=sys.stderr, flush=True)
 
 
@@ -402,11 +402,16 @@ class Eta:
     prediction leaves out (start-up, logging, plots). The scale starts at a prior and moves to
     the ratio of measured to predicted time as units finish here, in proportion to the share of
     the predicted work they make up, so that one short unit, whose fixed costs weigh most,
-    cannot swing the estimate of the whole."""
+    cannot swing the estimate of the whole.
+
+    A worker that trains ``slots`` units at once gets through the whole ``speedup`` times
+    faster (measured), and each unit then takes ``slots / speedup`` times its time alone."""
 
     predicted: dict[Any, float]
     scale: float = 1.1
     weight: float = 0.0  # predicted seconds the prior counts as; 0: a tenth of the total
+    slots: int = 1
+    speedup: float = 1.0
     _predicted_done: float = 0.0
     _measured_done: float = 0.0
 
@@ -415,13 +420,14 @@ class Eta:
         self.weight = self.weight or max(0.1 * sum(self.predicted.values()), 1e-9)
 
     def finished(self, key: Any, seconds: float) -> None:
+        """``seconds``: the unit's wall time, beside whatever else this worker trained."""
         self._predicted_done += self.predicted[key]
-        self._measured_done += seconds
+        self._measured_done += seconds * self.speedup / self.slots
         self.scale = ((self._prior * self.weight + self._measured_done)
                       / (self.weight + self._predicted_done))
 
     def left(self, keys: list[Any]) -> float:
-        return self.scale * sum(self.predicted[k] for k in keys)
+        return self.scale * sum(self.predicted[k] for k in keys) / self.speedup
 
 
 class _AboveBars(io.TextIOBase):
@@ -430,17 +436,19 @@ class _AboveBars(io.TextIOBase):
 
     def __init__(self, out: Any, bars_file: Any):
         self.out, self.bars_file, self.pending = out, bars_file, ""
+        self._lock = threading.Lock()  # runs training side by side print from their threads
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.pending += text
-        if "\n" in self.pending:
-            lines, _, self.pending = self.pending.rpartition("\n")
-            with tqdm.external_write_mode(file=self.bars_file):
-                self.out.write(lines + "\n")
-                self.out.flush()
+        with self._lock:
+            self.pending += text
+            if "\n" in self.pending:
+                lines, _, self.pending = self.pending.rpartition("\n")
+                with tqdm.external_write_mode(file=self.bars_file):
+                    self.out.write(lines + "\n")
+                    self.out.flush()
         return len(text)
 
     def flush(self) -> None:

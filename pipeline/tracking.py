@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,10 +247,24 @@ def _store_error(e: BaseException) -> bool:
         "requests" in type(e).__module__ or "urllib3" in type(e).__module__
 
 
+_INPUTS = threading.Lock()
+
+
 def log_input(data: Any, context: str = "training") -> None:
     """Log the data set as a run input with a digest of the whole source; mlflow's own numpy
-    digest hashes only the first rows, so two different files could look the same."""
-    mlflow.log_input(dataset(data), context=context)
+    digest hashes only the first rows, so two different files could look the same.
+
+    MLflow looks the data set up in the experiment and inserts it when absent, so two runs
+    starting together (slots of one worker, or two workers) can both insert it, and one then
+    fails on the table's unique key; that one finds the data set on a second try."""
+    with _INPUTS:
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset(data), context=context)
+                return
+            except MlflowException as e:
+                if attempt == 2 or "unique" not in str(e).lower():
+                    raise
 
 
 def dataset(data: Any) -> Any:

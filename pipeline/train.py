@@ -23,12 +23,13 @@ from . import data as fer
 from . import plots, serving, stats, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
-from .engine import (EarlyStopping, EpochCallback, Recipe, Runtime, StopRun, TrainStep,
-                     build_optimizer, build_scheduler, evaluate_split, load_optimizer_state,
-                     seed_everything, train_one_epoch)
+from .engine import (CudaGraphs, EarlyStopping, EpochCallback, Recipe, Runtime, RunRandom,
+                     StopRun, TrainStep, build_net, build_optimizer, build_scheduler,
+                     current_slot, evaluate_split, load_optimizer_state, seed_everything,
+                     train_one_epoch)
 from .errors import ConfigError, DataError, TrainingError, UsageError
 from .stores import owner_alive
-from .models import build_model, count_params
+from .models import count_params
 from .split import Split, make_split, subsample
 
 
@@ -109,17 +110,21 @@ class RunResult:
 
 class Trainer:
     """What a run trains and carries across epochs: the network, optimiser, schedule, early
-    stopping, the data order's generator, and the history so far. Its whole state goes in and
-    out through :meth:`state_dict` and :meth:`load_state_dict`."""
+    stopping, the run's own random generators, and the history so far. Its whole state goes in
+    and out through :meth:`state_dict` and :meth:`load_state_dict`. ``graphs`` replaces the
+    CUDA graph machinery (tests)."""
 
-    def __init__(self, cfg: Config, rt: Runtime, xtr: torch.Tensor, ytr: torch.Tensor):
-        seed_everything(cfg.seed, cfg.deterministic)
+    def __init__(self, cfg: Config, rt: Runtime, xtr: torch.Tensor, ytr: torch.Tensor, *,
+                 graphs: CudaGraphs | None = None):
+        seed_everything(cfg.seed, cfg.deterministic, global_rng=not current_slot().concurrent)
         self.cfg, self.rt = cfg, rt
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.model = rt.model(build_model(cfg))
+        self.rng = RunRandom(cfg.seed, rt.device)
+        self.gen = self.rng.order
+        self.model = build_net(cfg, rt, self.rng)
         self.opt = build_optimizer(cfg, self.model.parameters(), capturable=rt.graphs)
         self.schedule = build_scheduler(cfg, self.opt, -(-len(ytr) // cfg.batch_size))
-        self.step = TrainStep(self.model, self.opt, rt, xtr, ytr, Recipe.of(cfg))
+        self.step = TrainStep(self.model, self.opt, rt, xtr, ytr, Recipe.of(cfg), graphs=graphs,
+                              generators=self.rng.graphed_generators())
         self.stopper = EarlyStopping(cfg.early_stopping)
         self.history: list[dict[str, float]] = []
         self.next_epoch, self.train_seconds = 0, 0.0
@@ -130,23 +135,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.next_epoch - 1, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.schedule.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "generator": self.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                             else None),
-                "numpy_rng": np.random.get_state(), "history": self.history,
-                "train_seconds": self.train_seconds}
+                "early_stopping": self.stopper.state_dict(), **self.rng.state_dict(),
+                "history": self.history, "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.opt, state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
-        self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np.random.set_state(state["numpy_rng"])
+        self.rng.load_state_dict(state, self.rt.device)
         self.history, self.next_epoch = state["history"], state["epoch"] + 1
         self.train_seconds = state["train_seconds"]
 
@@ -314,7 +311,8 @@ def _epoch(t: Trainer, xva: torch.Tensor, yva: torch.Tensor) -> dict[str, float]
            "train/img_per_s": tr["img_per_s"], "lr": float(t.opt.param_groups[0]["lr"])}
     if cfg.tta:
         row["val/acc_tta"] = selected
-    print(f"{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
+    who = current_slot().label
+    print(f"{f'[{who}] ' if who else ''}{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
           f"{va['loss']:.4f} acc {va['acc']:.4f}"
           f"{f' (tta {selected:.4f})' if cfg.tta else ''} | {tr['img_per_s']:.0f} img/s",
           flush=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pipeline.bench import run_bench
 
 
@@ -15,3 +17,39 @@ def test_bench_times_a_cold_and_a_cached_load_and_gives_back_the_cache_setting(k
     assert out["rows"] == 7 * 15 and out["parse_seconds"] >= 0 and out["cached_load_seconds"] >= 0
     assert os.environ["FER_CACHE_DIR"] == mine
     assert not os.path.exists(mine)  # the bench parsed into its own, temporary cache
+
+
+@pytest.mark.slow
+def test_bench_concurrent_measures_each_k_and_prints_its_table(tmp_path):
+    import json
+    import re
+
+    from tests.conftest import run_cli
+
+    args = ["--stages", "improved", "--set", "width=0.125", "--seconds", "0.3",
+            "--model-uri", "", "--concurrent", "1,2"]
+    r = run_cli("pipeline.bench", *args, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["concurrent"]
+    assert list(got) == ["1", "2"]
+    for k, row in got.items():
+        assert row["img_per_s"] > 0
+        # On a CPU the cores are divided between the runs trained at once.
+        assert row["threads_per_slot"] == max(1, (os.cpu_count() or 1) // int(k))
+    assert got["1"]["speedup"] == 1.0
+    assert got["2"]["speedup"] == round(got["2"]["img_per_s"] / got["1"]["img_per_s"], 2)
+    table = run_cli("pipeline.bench", *args, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert re.search(r"^\s+2\s+[\d,]+\s+[\d,]+\s+[\d.]+x\s+\d+\s+-$", table.stdout, re.M), \
+        table.stdout
+
+
+def test_bench_concurrent_refuses_a_k_below_one(tmp_path):
+    from tests.conftest import run_cli
+
+    r = run_cli("pipeline.bench", "--stages", "", "--model-uri", "", "--concurrent", "1,0",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --concurrent 1,0: expected whole numbers 1 or more separated by commas, e.g. "
+        "1,2,4,8."]

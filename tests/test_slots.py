@@ -1,0 +1,418 @@
+"""Several runs at once in one process: each draws from its own generators and trains exactly as it
+would alone, one unit's failure or early end touches no other, and a stop reaches all of them."""
+
+from __future__ import annotations
+
+import _thread
+import dataclasses
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+import mlflow
+import optuna
+import pytest
+import torch
+
+from pipeline.ablate import concurrency
+from pipeline.config import Config
+from pipeline.engine import (EarlyStopping, RunDropout, Runtime, current_slot, evaluate_split,
+                             train_one_epoch)
+from pipeline.errors import TrainingError
+from pipeline.slots import Pool, measure_concurrent
+from pipeline.study import Eta
+from pipeline.train import Trainer
+from tests.conftest import ROOT, TINY, start_cli
+from tests.solo_reference import PINNED_ENV
+from tests.test_ablate import child_runs, mini_study
+
+# A dropout-heavy run: element-wise dropout in every conv block and in the head.
+DROPPY = Config(stage="improved", width=0.125, batch_size=16, epochs=3, augment=True,
+                conv_dropout=0.25, fc_dropout=0.5, label_smoothing=0.1, grad_clip=1.0,
+                normalize="symmetric", device="cpu", precision="fp32", seed=5)
+
+
+def test_a_seeded_solo_run_has_the_weights_it_had_when_it_drew_from_the_global_generator():
+    """tests/data/solo_reference.pt holds the weights this run got when its initialisation and
+    dropout drew from torch's global generator (saved by that version of the pipeline). A
+    per-run generator seeded otherwise, drawn in another order, or a dropout drawn with other
+    kernels changes them."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "solo_reference.py"), "compare",
+                        str(ROOT / "tests" / "data" / "solo_reference.pt")],
+                       env={**os.environ, **PINNED_ENV, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "bit-identical" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_run_dropout_drops_what_nn_dropout_drops_from_the_same_generator_state():
+    x = torch.randn(8, 6, 12, 12).contiguous(memory_format=torch.channels_last)
+    for p in (0.25, 0.5, 1.0):
+        torch.manual_seed(7)
+        want = torch.nn.Dropout(p).train()(x)
+        got = RunDropout(p, torch.Generator().manual_seed(7)).train()(x)
+        assert torch.equal(got, want), p
+    assert torch.equal(RunDropout(0.5, torch.Generator()).eval()(x), x)
+
+
+class ReplayGraphs:
+    """The CUDA graph machinery's semantics on the CPU, one per run: a warm-up runs its
+    function, a capture records it without running it, a replay runs it once from None grads
+    (the captured backward writes the grads afresh)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def eager(self, fn):
+        fn()
+
+    def capture(self, fn):
+        params = self.params
+
+        class Graph:
+            def replay(self):
+                for p in params:
+                    p.grad = None
+                fn()
+
+        return Graph()
+
+
+def _data(seed: int, n: int = 96):
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=g)
+    return x, torch.randint(0, 7, (n,), generator=g)
+
+
+class Unit:
+    """One run's training, as the study's units train: epochs, validation, early stopping. Its
+    dropout masks are recorded (where an element was dropped from a nonzero input)."""
+
+    def __init__(self, cfg: Config, *, nan_at_epoch: int | None = None,
+                 max_epochs: int | None = None):
+        self.cfg, self.nan_at_epoch, self.max_epochs = cfg, nan_at_epoch, max_epochs
+        self.masks: list[torch.Tensor] = []
+        self.failure: str | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.epochs = 0
+        self.threads: set[str] = set()
+
+    def __call__(self) -> None:
+        cfg = self.cfg
+        self.threads.add(threading.current_thread().name)
+        x, y = _data(cfg.seed)
+        rt = Runtime(cfg)
+        graphs = ReplayGraphs([])  # its params are the network's, once built
+        t = Trainer(cfg, rt, x[:64], y[:64], graphs=graphs)
+        graphs.params = list(t.model.parameters())
+        for m in t.model.modules():
+            if isinstance(m, RunDropout):
+                m.register_forward_hook(lambda mod, inp, out: self.masks.append(
+                    ((out == 0) & (inp[0] != 0)).clone()))
+        stopper = EarlyStopping(0)
+        try:
+            for epoch in range(cfg.epochs):
+                if self.max_epochs is not None and epoch >= self.max_epochs:
+                    break  # ends early: its slot goes to the next unit
+                if epoch == self.nan_at_epoch:
+                    for g in t.opt.param_groups:
+                        g["lr"] = 1e30
+                train_one_epoch(t.step, t.gen, t.schedule)
+                va = evaluate_split(t.model, x[64:], y[64:], rt)
+                stopper.update(va["acc"], epoch, t.model)
+                self.epochs += 1
+        except TrainingError as e:
+            self.failure = str(e)
+            return
+        self.weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+
+
+def _units() -> list[Unit]:
+    return [Unit(DROPPY),
+            Unit(dataclasses.replace(DROPPY, stage="advanced", seed=6), max_epochs=1),
+            Unit(dataclasses.replace(DROPPY, stage="basic", seed=7, conv_dropout=0.0),
+                 nan_at_epoch=1),
+            Unit(dataclasses.replace(DROPPY, seed=8, conv_dropout=0.0))]
+
+
+def _run(units: list[Unit], k: int) -> None:
+    queue = list(units)
+    Pool(k).run(lambda slot: queue.pop(0) if queue else None)
+
+
+def test_units_interleaved_in_slots_train_exactly_as_each_alone(monkeypatch):
+    """Four units on three slots with the CUDA graph stand-in: a dropout-heavy one, one that
+    ends after its first epoch (its slot then takes the fourth), and one whose loss becomes
+    NaN in its second epoch. The others' masks and weights are bit-identical to those they get
+    alone, and the NaN fails its own unit only."""
+    torch.set_num_threads(1)  # the same kernels in both: one thread each
+    alone = _units()
+    for u in alone:
+        u()
+    together = _units()
+    _run(together, 3)
+    assert len(set().union(*(u.threads for u in together))) == 3  # three slots trained them
+    assert together[3].threads & (together[1].threads | together[2].threads)  # a freed slot
+    for a, b in zip(alone, together):
+        assert (a.failure is None) == (b.failure is None)
+        assert a.epochs == b.epochs
+        assert len(a.masks) == len(b.masks)
+        assert all(torch.equal(m, n) for m, n in zip(a.masks, b.masks))
+        if a.weights is not None:
+            assert all(torch.equal(a.weights[key], b.weights[key]) for key in a.weights)
+    assert together[0].masks and any(m.any() for m in together[0].masks)
+    assert together[1].epochs == 1 and together[2].epochs == 1
+    assert "non-finite" in together[2].failure or "became" in together[2].failure
+    assert together[0].weights is not None and together[3].weights is not None
+
+
+def test_a_unit_drawing_from_the_global_generator_would_not_be_exact():
+    """The check above can fail: a run whose dropout drew from the global generator gets other
+    masks when another run draws from it in between."""
+    torch.set_num_threads(1)
+    u = Unit(DROPPY)
+    u()
+    torch.manual_seed(0)
+    v = Unit(DROPPY)
+    orig = RunDropout.forward
+
+    def global_draws(self, x):
+        torch.rand(3)  # another run's draw from the shared generator, in between
+        return torch.nn.functional.dropout(x, self.p, self.training)
+
+    RunDropout.forward = global_draws
+    try:
+        v()
+    finally:
+        RunDropout.forward = orig
+    assert not all(torch.equal(m, n) for m, n in zip(u.masks, v.masks))
+
+
+def test_a_failure_that_escapes_a_job_stops_the_other_slots_and_is_raised():
+    started, seen = threading.Barrier(2), []
+
+    def endless():
+        started.wait()
+        try:
+            while True:
+                train_one_epoch(step, gen)
+        except KeyboardInterrupt:
+            seen.append("stopped")
+            raise
+
+    def broken():
+        started.wait()
+        raise KeyError("a bug")
+
+    cfg = dataclasses.replace(DROPPY, stage="basic", width=0.125)
+    x, y = _data(0, 32)
+    t = Trainer(cfg, Runtime(cfg), x, y)
+    step, gen = t.step, t.gen
+    jobs = [endless, broken]
+    with pytest.raises(KeyError, match="a bug"):
+        Pool(2).run(lambda slot: jobs.pop(0) if jobs else None)
+    assert seen == ["stopped"]
+
+
+def test_ctrl_c_stops_every_slot_at_its_next_batch_and_is_raised_once_all_have_stopped():
+    started, seen = threading.Barrier(3), []
+    cfg = dataclasses.replace(DROPPY, stage="basic")
+
+    def endless():
+        x, y = _data(current_slot().index, 32)
+        t = Trainer(cfg, Runtime(cfg), x, y)
+        train_one_epoch(t.step, t.gen)
+        started.wait()
+        try:
+            while True:
+                train_one_epoch(t.step, t.gen)
+        except KeyboardInterrupt:
+            seen.append(current_slot().index)
+            raise
+
+    def interrupt():
+        started.wait()  # both slots are mid-training
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    jobs = [endless, endless]
+    with pytest.raises(KeyboardInterrupt):
+        Pool(2).run(lambda slot: jobs.pop(0) if jobs else None)
+    assert sorted(seen) == [0, 1]
+
+
+def test_one_slot_runs_its_jobs_in_the_caller_s_thread():
+    where = []
+    jobs = [lambda: where.append(threading.current_thread()) for _ in range(2)]
+    Pool(1).run(lambda slot: jobs.pop(0) if jobs else None)
+    assert where == [threading.current_thread()] * 2
+
+
+def test_the_estimate_counts_the_units_trained_at_once():
+    eta = Eta({"a": 10.0, "b": 10.0, "c": 20.0}, slots=2, speedup=1.6)
+    assert eta.left(["a", "b", "c"]) == pytest.approx(1.1 * 40 / 1.6)
+    # A unit beside another takes 2 / 1.6 times its time alone: 12.5 s for a 10 s unit is on
+    # time, so the scale moves from the prior 1.1 toward 1.0 by its share of the work.
+    eta.finished("a", 12.5)
+    assert eta.scale == pytest.approx((1.1 * 4 + 10) / (4 + 10))
+    assert eta.left(["b", "c"]) == pytest.approx(eta.scale * 30 / 1.6)
+
+
+@pytest.mark.parametrize("text, want", [("auto", None), ("AUTO", None), ("1", 1), ("2", 2),
+                                        ("4.0", 4)])
+def test_concurrent_takes_auto_or_a_whole_number(text, want):
+    assert concurrency(text) == want
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "2.5", "two", ""])
+def test_concurrent_refuses_anything_else(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="auto or a whole number 1 or more"):
+        concurrency(text)
+
+
+def test_measure_concurrent_reports_the_total_rate_of_k_slots():
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(DROPPY, stage="basic")
+    one = measure_concurrent(cfg, 1, seconds=0.2, n_images=64)
+    two = measure_concurrent(cfg, 2, seconds=0.2, n_images=64)
+    assert one["img_per_s"] > 0 and two["img_per_s"] > 0
+    assert one["threads_per_slot"] == two["threads_per_slot"] == 1
+    assert "memory_per_slot_mib" not in two  # a GPU figure only
+
+
+def _results(name: str) -> dict:
+    return {(r.data.tags["cell"], r.data.tags["seed"]): (r.info.status, r.data.metrics["test_acc"],
+                                                         r.data.metrics["val_loss"])
+            for r in child_runs(name)}
+
+
+@pytest.mark.slow
+def test_a_study_at_two_slots_gives_every_cell_once_with_the_results_of_one_slot(
+        kaggle_csv, tmp_path):
+    study = mini_study(tmp_path)
+    got = {}
+    for k in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "pipeline.ablate", "--data", str(kaggle_csv),
+                            "--study", str(study), "--profile", "smoke", "--storage",
+                            f"sqlite:///k{k}.db", "--study-name", f"k{k}", "--concurrent",
+                            str(k), "--threads", "1"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        runs = child_runs(f"k{k}")
+        keys = [(x.data.tags["cell"], x.data.tags["seed"]) for x in runs]
+        assert len(keys) == len(set(keys)) == 4  # every (cell, seed) exactly once
+        got[k] = _results(f"k{k}")
+        assert {v[0] for v in got[k].values()} == {"FINISHED"}
+    assert "in slot 2" in r.stdout and "2 at a time" in r.stdout
+    assert got[1] == got[2]  # the same test accuracy (and val loss) for every cell and seed
+
+
+@pytest.mark.slow
+def test_sigterm_with_two_slots_busy_keeps_each_run_s_last_epoch_and_the_command_finishes(
+        kaggle_csv, tmp_path):
+    study = mini_study(tmp_path)
+    text = study.read_text().replace("epochs: 1", "epochs: 40")
+    study.write_text(text)
+    p = start_cli("pipeline.ablate", "--data", kaggle_csv, "--study", study, "--profile",
+                  "smoke", "--storage", "sqlite:///q.db", "--concurrent", "2", "--threads", "1",
+                  cwd=tmp_path)
+    seen, labels = [], set()
+    for line in p.stdout:  # the event: both slots have finished an epoch of their run
+        seen.append(line)
+        m = re.match(r"\[(.+?)\] \w+ epoch \d+/40", line)
+        if m:
+            labels.add(m.group(1))
+        if len(labels) == 2:
+            break
+    p.send_signal(signal.SIGTERM)
+    out = "".join(seen) + p.communicate(timeout=300)[0]
+    assert p.returncode == 130, out[-3000:]
+    kept = re.findall(r"stopped: run (\w+) is KILLED; its checkpoint after epoch (\d+) is kept",
+                      out)
+    assert len(kept) == 2, out[-3000:]
+    for run_id, epoch in kept:
+        run = mlflow.MlflowClient().get_run(run_id)
+        assert run.info.status == "KILLED"
+        logged = mlflow.MlflowClient().get_metric_history(run_id, "val/acc")
+        assert sorted(m.step for m in logged) == list(range(1, int(epoch) + 1))
+        assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+    hint = re.search(r"continue the study with `([^`]+)`", out).group(1)
+    r = subprocess.run([sys.executable, *shlex.split(hint)[1:]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for run_id, epoch in kept:  # each resumed where it stopped, in its own run
+        assert f"resuming run {run_id} at epoch {int(epoch) + 1}/40" in r.stdout
+    name = re.search(r"study (\S+): ", r.stdout).group(1)
+    runs = child_runs(name)
+    assert sorted(x.info.status for x in runs) == ["FINISHED"] * 4
+    assert {x.info.run_id for x in runs} >= {run_id for run_id, _ in kept}
+    st = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'q.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_four_units_at_once_on_the_gpu_train_as_each_alone():
+    """K=4 on one GPU, each unit on its own stream with its own CUDA graph and generators,
+    against the same four trained one after another. Deterministic kernels (a fixed cuDNN
+    algorithm, not one chosen by timing, which contention would change): bit-identical."""
+    base = dataclasses.replace(DROPPY, device="cuda", width=0.5, batch_size=64, epochs=2,
+                               deterministic=True)
+
+    def unit(seed: int):
+        cfg = dataclasses.replace(base, seed=seed)
+        x, y = _data(seed, 64 * 12)
+        t = Trainer(cfg, Runtime(cfg), x.cuda(), y.cuda())
+        assert t.step.graphed
+        for _ in range(cfg.epochs):
+            train_one_epoch(t.step, t.gen, t.schedule)
+        torch.cuda.current_stream().synchronize()
+        return {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
+
+    alone = [unit(s) for s in range(4)]
+    together: dict[int, dict] = {}
+    seeds = list(range(4))
+
+    def take(slot):
+        if not seeds:
+            return None
+        s = seeds.pop(0)
+        return lambda: together.__setitem__(s, unit(s))
+
+    Pool(4, "cuda").run(take)
+    for s in range(4):
+        differ = [k for k in alone[s] if not torch.equal(alone[s][k], together[s][k])]
+        assert not differ, f"seed {s}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_a_data_set_another_run_inserted_meanwhile_is_logged_on_a_second_try(kaggle_csv,
+                                                                             monkeypatch):
+    """Two runs starting together both find the data set absent and insert it; the second
+    insert fails on the table's unique key. That run must still log its input."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import data as fer
+    from pipeline import tracking
+
+    data = fer.load_training(str(kaggle_csv))
+    real, calls = mlflow.log_input, []
+
+    def racing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            with mlflow.start_run(nested=True):  # the other run: it inserts the data set first
+                real(*a, **kw)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                  "datasets.experiment_id, datasets.name, datasets.digest")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        tracking.log_input(data)
+    assert len(calls) == 2
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [data.digest[-32:]]

@@ -63,37 +63,46 @@ class Pool:
             return
         stop, lock = threading.Event(), threading.Lock()
         errors: list[BaseException] = []
+        # Each slot says it has ended through an event of its own: a KeyboardInterrupt that
+        # lands in Thread.join can mark a live thread as ended (CPython 3.11), and the process
+        # would then exit while a slot still records its unit.
+        ended = [threading.Event() for _ in range(self.k)]
 
         def serve(index: int) -> None:
-            with in_slot(Slot(index, stop, "", True)) as slot, _own_stream(self.device):
-                while not stop.is_set():
-                    with lock:  # one claim at a time: two slots never take the same job
-                        job = None if stop.is_set() else take(slot)
-                    if job is None:
-                        return
-                    try:
-                        job()
-                    except KeyboardInterrupt:
-                        return  # a stop: the job has kept what it keeps on Ctrl-C
-                    except BaseException as e:
-                        errors.append(e)
-                        stop.set()
-                        return
-                    finally:
-                        slot.label = ""
+            try:
+                with in_slot(Slot(index, stop, "", True)) as slot, _own_stream(self.device):
+                    while not stop.is_set():
+                        with lock:  # one claim at a time: two slots never take the same job
+                            job = None if stop.is_set() else take(slot)
+                        if job is None:
+                            return
+                        try:
+                            job()
+                        except KeyboardInterrupt:
+                            return  # a stop: the job has kept what it keeps on Ctrl-C
+                        except BaseException as e:
+                            errors.append(e)
+                            stop.set()
+                            return
+                        finally:
+                            slot.label = ""
+            except BaseException as e:  # a claim that failed, or the stream
+                errors.append(e)
+                stop.set()
+            finally:
+                ended[index].set()
 
-        threads = [threading.Thread(target=serve, args=(i,), name=f"slot-{i + 1}", daemon=True)
-                   for i in range(self.k)]
-        for t in threads:
-            t.start()
+        for i in range(self.k):
+            threading.Thread(target=serve, args=(i,), name=f"slot-{i + 1}", daemon=True).start()
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
+            for e in ended:
+                while not e.wait(0.2):
+                    pass
         except KeyboardInterrupt:
             stop.set()
-            for t in threads:
-                t.join()
+            for e in ended:
+                while not e.wait(0.2):
+                    pass
             raise
         if errors:
             raise errors[0]
@@ -168,13 +177,22 @@ def best_k(cfg: Config, candidates: tuple[int, ...] = (1, 2, 4, 8),
     """The number of slots that trains ``cfg``'s network fastest here, by a short measurement
     at each candidate; a larger K must beat the best smaller one by 10% to be chosen (more
     slots hold more memory and say less about any one run). A K that does not fit (out of
-    memory) ends the search."""
+    memory) or fails here ends the search at the best K before it."""
     rates: dict[int, float] = {}
     best = candidates[0]
     for k in candidates:
         try:
             rates[k] = measure_concurrent(cfg, k, seconds)["img_per_s"]
         except torch.OutOfMemoryError:
+            break
+        except Exception as e:
+            if k == candidates[0]:
+                raise
+            # Whatever keeps K runs from training side by side here, the study can still
+            # train one at a time: say so and go on.
+            print(f"concurrent auto: {k} units at once failed here ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                  f"staying at {best}", flush=True)
             break
         if rates[k] > 1.1 * rates[best]:
             best = k

@@ -341,10 +341,18 @@ def test_sigterm_with_two_slots_busy_keeps_each_run_s_last_epoch_and_the_command
         logged = mlflow.MlflowClient().get_metric_history(run_id, "val/acc")
         assert sorted(m.step for m in logged) == list(range(1, int(epoch) + 1))
         assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+    # Both units are back in the queue the moment the worker exits, none left RUNNING for a
+    # heartbeat to time out.
+    name = re.search(r"study (\S+): ", out).group(1)
+    st = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'q.db'}")
+    states = [t.state for t in st.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.WAITING) == 4  # 2 never begun, 2 handed back
     hint = re.search(r"continue the study with `([^`]+)`", out).group(1)
     r = subprocess.run([sys.executable, *shlex.split(hint)[1:]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "waiting for" not in r.stdout
     for run_id, epoch in kept:  # each resumed where it stopped, in its own run
         assert f"resuming run {run_id} at epoch {int(epoch) + 1}/40" in r.stdout
     name = re.search(r"study (\S+): ", r.stdout).group(1)

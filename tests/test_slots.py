@@ -424,3 +424,15 @@ def test_a_data_set_another_run_inserted_meanwhile_is_logged_on_a_second_try(kag
     assert len(calls) == 2
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert [i.dataset.digest for i in inputs] == [data.digest[-32:]]
+
+
+def test_auto_trains_one_unit_at_a_time_on_a_cpu_and_a_given_k_is_measured(tmp_path, capsys):
+    from pipeline.ablate import choose_slots, load_study
+
+    s = load_study(mini_study(tmp_path), "smoke")
+    assert choose_slots(s, None) == (1, 1.0)
+    assert capsys.readouterr().out == ""  # nothing measured, nothing said
+    k, speedup = choose_slots(s, 2)
+    assert k == 2 and speedup > 0
+    assert re.match(r"concurrent 2: [\d.]+x the training img/s of one unit at a time",
+                    capsys.readouterr().out)

@@ -143,14 +143,15 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
     s = StudyPlan(path=p, reference=_need(d, "reference", str, str(p)),
                   base=_need(d, "base", str, str(p)),
                   ladder=list(_need(d, "ladder", list, str(p))),
-                  seeds=int(seeds or prof.get("seeds") or d.get("seeds", 3)),
+                  seeds=seeds if seeds is not None else _file_seeds(d, prof, p, profile),
                   reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
                   profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
                   log_models="all" if prof.get("log_models", False) else "none",
                   extra=list(prof.get("extra_cells") or []),
                   stage_budget=_stage_budget(prof, budget or {}, f"{p} profile {profile}"))
-    if s.seeds < 1:
-        raise UsageError(f"seeds must be at least 1, got {s.seeds}.")
+    if isinstance(s.seeds, bool) or not isinstance(s.seeds, int) or s.seeds < 1:
+        raise UsageError(f"seeds: expected a whole number 1 or more (a study of no seeds has no "
+                         f"answer), got {s.seeds!r}.")
     try:
         s.cells = _cells(s)
         for c in s.cells:
@@ -158,6 +159,17 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
     except ConfigError as e:
         raise UsageError(str(e)) from None
     return s
+
+
+def _file_seeds(d: dict, prof: dict, p: Path, profile: str) -> int:
+    """The profile's seeds, else the file's (3 when neither says), each checked where it is
+    written: a whole number 1 or more, never a value cut or a fallback taken silently."""
+    for where, mapping in ((f"{p} profile {profile}", prof), (str(p), d)):
+        v = mapping.get("seeds")
+        if "seeds" in mapping and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UsageError(f"{where}: seeds must be a whole number 1 or more (a study of no "
+                             f"seeds has no answer), got {v!r}.")
+    return prof.get("seeds") or d.get("seeds", 3)
 
 
 def _stage_budget(prof: dict, cli: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -740,6 +752,21 @@ def worker_threads(jobs: int, concurrent: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs * concurrent, 1))
 
 
+def seed_count(text: str) -> int | None:
+    """``--seeds``: a whole number 1 or more; empty is "not given" (the study's own number),
+    which is how `mlflow run` passes the parameter left at its default."""
+    if not text.strip():
+        return None
+    try:
+        k = lifecycle.whole(text)
+    except argparse.ArgumentTypeError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number 1 or more (a study of no "
+                                         f"seeds has no answer), got {text!r}")
+    return k
+
+
 def concurrency(text: str) -> int | None:
     """``--concurrent``: ``auto`` (None) or a whole number of units at once, 1 or more."""
     if text.strip().lower() == "auto":
@@ -776,8 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("Run the ablation study (resumable; start it on several machines to share it).")
     lifecycle.add_study_args(p, DEFAULT_STORAGE, default_profile="auto")
     p.add_argument("--study", default=str(ROOT / "ablations" / "study.yaml"))
-    p.add_argument("--seeds", type=lifecycle.whole, default=None,
-                   help="seeds per cell (default: the study's; 0 also means that)")
+    p.add_argument("--seeds", type=seed_count, default=None,
+                   help="seeds per cell, 1 or more (default, or an empty value: the study's)")
     p.add_argument("--epochs", type=lifecycle.whole, default=None, help="cap (0: the profile's)")
     p.add_argument("--data-fraction", type=float, default=None)
     p.add_argument("--width", type=float, default=None)
@@ -806,12 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v}
     profile = lifecycle.resolve_profile(a.profile)
-    load_study(a.study, profile, a.seeds or None, budget)  # a bad file: before any store
+    load_study(a.study, profile, a.seeds, budget)  # a bad file: before any store
     exp = tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     try:
-        out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds or None,
+        out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds,
                                        budget, a.report_dir, a.jobs, a.log_models or None,
                                        a.report, a.concurrent), exp)
     except KeyboardInterrupt:

@@ -513,7 +513,9 @@ def unit(study: optuna.Study, tid: int, heartbeat: int, what: str,
     result); by default the storage is told directly. A unit that fails with one of
     :data:`UNIT_FAILURES` is recorded failed with its reason, and the body's exception ends
     here. Ctrl-C, SIGTERM or a lost tracking store hand the unit back to the queue at once (not
-    when its heartbeat goes stale), for this or another worker, and go on up."""
+    when its heartbeat goes stale), for this or another worker, and go on up: by default as the
+    same trial, WAITING again, so that it is taken before the units that never began and no
+    failure is recorded for a stop; a search's trial ends FAIL and a retry of it waits."""
     storage = storage_of(study)
     out = Result()
 
@@ -531,14 +533,28 @@ def unit(study: optuna.Study, tid: int, heartbeat: int, what: str,
         record(TrialState.PRUNED)
         out.state = "pruned"
     except (KeyboardInterrupt, TrackingLost):
-        record(TrialState.FAIL)
-        optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(tid))
+        if tell is None:
+            hand_back(storage, tid)
+        else:  # a search's sampler must hear of the trial's end; its retry is a new trial
+            record(TrialState.FAIL)
+            optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(tid))
         raise
     except UNIT_FAILURES as e:
         out.state, out.reason = "failed", f"{type(e).__name__}: {e}"[:1000]
         print(f"{what} failed: {out.reason}", flush=True)
         storage.set_trial_user_attr(tid, "error", out.reason)
         record(TrialState.FAIL)
+
+
+def hand_back(storage, tid: int) -> None:
+    """A claimed unit WAITING again, without the heartbeat it had: an old beat on a trial taken
+    again would look stale to another worker before the new one's first beat."""
+    rdb = getattr(storage, "_backend", storage)
+    with rdb_session(rdb.scoped_session) as session:
+        beat = rdb_models.TrialHeartbeatModel.where_trial_id(tid, session)
+        if beat is not None:
+            session.delete(beat)
+    storage.set_trial_state_values(tid, TrialState.WAITING)
 
 
 class Heartbeat:

@@ -188,6 +188,9 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
     try:
         yield active
     except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("failure", "stopped (Ctrl-C or SIGTERM); it continues from its "
+                                      "checkpoint when resumed")
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:

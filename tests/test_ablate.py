@@ -546,3 +546,63 @@ def test_a_bad_study_or_search_file_is_reported_before_any_store_exists(kaggle_c
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"{bad}: not valid YAML at line 2, column " in r.stderr
     assert not stores.exists()  # neither the tracking store nor the study's was created
+
+
+def _with_seeds(tmp_path: Path, where: str, value) -> Path:
+    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
+    (d if where == "file" else d["profiles"]["smoke"])["seeds"] = value
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _seeds_refusal(p: Path, where: str, value) -> str:
+    return (f"{p}{' profile smoke' if where == 'profile' else ''}: seeds must be a whole number "
+            f"1 or more (a study of no seeds has no answer), got {value!r}.")
+
+
+@pytest.mark.parametrize("where", ["file", "profile"])
+@pytest.mark.parametrize("value", ["three", 2.5, 0, -1, True, None])
+def test_a_seed_count_that_is_not_a_whole_number_1_or_more_is_refused(tmp_path, where, value):
+    """`seeds: three` was a traceback under quick and ignored under smoke (its profile's seeds
+    won); `seeds: 2.5` was cut to 2."""
+    p = _with_seeds(tmp_path, where, value)
+    with pytest.raises(UsageError) as e:
+        load_study(p, "smoke")
+    assert str(e.value) == _seeds_refusal(p, where, value)
+
+
+@pytest.mark.parametrize("where, value, profile", [("file", "three", "quick"),
+                                                    ("profile", 2.5, "smoke")])
+def test_a_bad_seed_count_is_one_line_before_any_store_exists(kaggle_csv, tmp_path, where,
+                                                               value, profile):
+    p = _with_seeds(tmp_path, where, value)
+    stores = tmp_path / "stores"
+    r = run_cli("pipeline.ablate", "--data", str(kaggle_csv), "--study", str(p), "--profile",
+                profile, "--storage", f"sqlite:///{stores / 'a.db'}",
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{stores / 'm.db'}"})
+    assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-1000:]
+    assert r.stderr.strip().splitlines() == [f"error: {_seeds_refusal(p, where, value)}"]
+    assert not stores.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "2.5"])
+def test_seeds_on_the_command_line_must_be_1_or_more(kaggle_csv, tmp_path, value):
+    """`--seeds 0` used to mean "the profile's seeds": hours of unasked-for training under
+    full. It is refused before any store exists."""
+    r = run_cli("pipeline.ablate", "--data", str(kaggle_csv), "--profile", "smoke",
+                "--seeds", value, "--storage", f"sqlite:///{tmp_path / 's' / 'a.db'}",
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 's' / 'm.db'}"})
+    assert r.returncode == 2
+    assert "argument --seeds: expected a whole number 1 or more (a study of no seeds has no " \
+           f"answer), got {value!r}" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_seeds_left_empty_mean_the_study_s_own_and_a_given_count_wins(tmp_path):
+    from pipeline.ablate import seed_count
+
+    assert seed_count("") is None and seed_count(" ") is None  # `mlflow run`'s default
+    assert seed_count("2") == 2 and seed_count("4.0") == 4
+    assert load_study(ROOT / "ablations/study.yaml", "smoke").seeds == 2  # the profile's
+    assert load_study(ROOT / "ablations/study.yaml", "smoke", seeds=1).seeds == 1

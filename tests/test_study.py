@@ -78,11 +78,31 @@ def test_a_stopped_unit_goes_back_to_the_queue_at_once_and_the_stop_goes_on_up()
         with lifecycle.unit(st, lifecycle.trial_id(t), 60, "stopped"):
             raise KeyboardInterrupt
     trials = st.get_trials()
-    assert [x.state for x in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].system_attrs["failed_trial"] == trials[0].number
-    assert [x.number for x in lifecycle.settled(st)] == [trials[1].number]  # the retry stands
+    # The same trial, waiting again: no failure is recorded for a stop.
+    assert [x.state for x in trials] == [TrialState.WAITING]
+    assert [x.number for x in lifecycle.settled(st)] == [trials[0].number]
     again = lifecycle.claim(st)
-    assert again is not None and again.user_attrs["unit"] == 0
+    assert again is not None and again.number == trials[0].number
+
+
+def test_a_unit_handed_back_is_taken_before_those_that_never_began_and_beats_afresh():
+    """Stopped while others waited behind it, it is the first taken again; its old heartbeat
+    goes with the stop, so another worker cannot find it stale once it is taken again."""
+    st, (t,) = _claimed(1)
+    st.enqueue_trial({}, user_attrs={"unit": 1})
+    storage = lifecycle.storage_of(st)
+    with pytest.raises(KeyboardInterrupt):
+        with lifecycle.unit(st, lifecycle.trial_id(t), 60, "stopped"):
+            raise KeyboardInterrupt
+    rdb = getattr(storage, "_backend", storage)
+    assert rdb.get_trial(lifecycle.trial_id(t)).state == TrialState.WAITING
+    from optuna.storages._rdb import models as rdb_models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        assert rdb_models.TrialHeartbeatModel.where_trial_id(lifecycle.trial_id(t),
+                                                              session) is None
+    assert lifecycle.claim(st).user_attrs["unit"] == 0
 
 
 def test_the_eta_moves_from_its_prior_to_the_measured_ratio_by_the_share_of_work_done():

@@ -606,3 +606,26 @@ def test_seeds_left_empty_mean_the_study_s_own_and_a_given_count_wins(tmp_path):
     assert seed_count("2") == 2 and seed_count("4.0") == 4
     assert load_study(ROOT / "ablations/study.yaml", "smoke").seeds == 2  # the profile's
     assert load_study(ROOT / "ablations/study.yaml", "smoke", seeds=1).seeds == 1
+
+
+@pytest.mark.slow
+def test_a_stop_while_the_study_measures_this_machine_leaves_every_unit_waiting(kaggle_csv,
+                                                                               tmp_path):
+    """At full width the start's measurement of each network takes seconds on a CPU. A stop
+    there used to leave the unit already claimed RUNNING until its heartbeat went stale (then a
+    FAIL row and a retried copy); the measurement now comes before any claim."""
+    p = start_cli("pipeline.ablate", "--data", kaggle_csv, "--profile", "full", "--storage",
+                  "sqlite:///q.db", "--concurrent", "1", cwd=tmp_path)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "(created)" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    out = "".join(seen) + p.communicate(timeout=300)[0]
+    assert p.returncode == 130, out[-2000:]
+    assert "runs to train" not in out  # the stop landed in the measurement
+    name = re.search(r"study (\S+): ", out).group(1)
+    st = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'q.db'}")
+    assert {t.state for t in st.trials} == {optuna.trial.TrialState.WAITING}
+    assert len(st.trials) == 75

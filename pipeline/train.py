@@ -73,10 +73,13 @@ def _save_atomic(obj: Any, path: Path) -> None:
         if isinstance(e, (OSError, RuntimeError)):
             need = _state_bytes(obj) / 2**20
             free = shutil.disk_usage(path.parent).free / 2**20
+            # torch's own words for a short write quote its C++ source; say what they mean.
+            why = (e.strerror if isinstance(e, OSError) and e.strerror else
+                   "the write stopped short: a full disk or a file-size limit")
             raise TrainingError(
                 f"cannot write checkpoint {path}: the folder (FER_CHECKPOINT_DIR) has "
                 f"{free:.1f} MB free and the checkpoint needs about {need:.1f} MB "
-                f"({str(e).strip().splitlines()[-1][:120]}).") from None
+                f"({why}).") from None
         raise
 
 
@@ -285,7 +288,11 @@ def _begin(t: Trainer, data: fer.FerData, sp: Splits, state: dict[str, Any] | No
     if state is not None:
         t.load_state_dict(state)
         _log_unlogged(run_id, t.history)
-        print(f"resuming run {run_id} at epoch {t.next_epoch + 1}/{t.cfg.epochs}")
+        if t.should_stop():  # stopped after its last epoch, in its final scoring
+            print(f"resuming run {run_id} after its last epoch ({len(t.history)}/"
+                  f"{t.cfg.epochs}): its final scores")
+        else:
+            print(f"resuming run {run_id} at epoch {t.next_epoch + 1}/{t.cfg.epochs}")
         return
     mlflow.log_params(flatten(t.cfg))
     mlflow.log_params({"n_train": len(sp.train[1]), "n_params": count_params(t.model),

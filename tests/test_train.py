@@ -83,6 +83,34 @@ def test_interrupted_run_resumes_to_identical_metrics(kaggle_csv):
         train(cfg, data, log_model=False, resume_run_id="0123456789abcdef0123456789abcdef")
 
 
+def test_a_run_stopped_in_its_final_scoring_resumes_to_its_scores_and_says_so(kaggle_csv,
+                                                                             monkeypatch,
+                                                                             capsys):
+    """It used to say `resuming run ... at epoch 3/2`."""
+    import pipeline.train as train_module
+
+    data = fer.load(kaggle_csv)
+    cfg = stage_cfg("basic", epochs=2)
+    real = train_module.final_scores
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "final_scores", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, log_model=False)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED" and run.data.tags["failure"].startswith("stopped")
+    monkeypatch.setattr(train_module, "final_scores", real)
+    capsys.readouterr()
+    out = train(cfg, data, log_model=False, resume_run_id=run.info.run_id)
+    said = capsys.readouterr().out
+    assert f"resuming run {run.info.run_id} after its last epoch (2/2): its final scores" in said
+    assert "epoch 3/2" not in said
+    assert out.state == "complete" and out.epochs_run == 2 and "test_acc" in out.metrics
+    assert "failure" not in mlflow.get_run(run.info.run_id).data.tags
+
+
 def test_unwritable_checkpoint_folder_fails_before_training(kaggle_csv, tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the checkpoint folder should be")

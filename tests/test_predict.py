@@ -325,3 +325,34 @@ def test_with_an_experiment_the_results_are_also_a_run(astronaut, tmp_path):
     assert [json.loads(x) for x in logged.splitlines()] == _lines(r.stdout)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "drawn")}
     assert arts == {"drawn/a.png"}
+
+
+def _encoded(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_a_photo_of_more_than_8_bits_finds_the_faces_its_8_bit_copy_finds(astronaut, model,
+                                                                          mode):
+    """A 16-bit scan was clipped to 8 bits (every value over 255 white): the detector saw a
+    white page and said "no face", rc 0. Each deeper photo is scaled to 8 bits, so it reads
+    as its 8-bit copy."""
+    g8 = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    if mode == "I;16":
+        im = Image.fromarray(g8.astype(np.uint16) * 257)  # 0..65535, as a 16-bit PNG holds
+        blob = _encoded(im)
+    elif mode == "I":
+        im = Image.fromarray(g8.astype(np.int32) * 257)  # 32-bit integers of 16-bit data
+        blob = _encoded(im, "TIFF")
+    else:
+        im = Image.fromarray(g8.astype(np.float32) / 255)  # floats in 0..1
+        blob = _encoded(im, "TIFF")
+    assert faces.open_image(blob, "deep").mode == im.mode
+    want = model.predict({"image": [_encoded(Image.fromarray(g8))]})
+    got = model.predict({"image": [blob]})
+    assert len(want) == 1 and len(got) == 1
+    assert list(got.loc[0, ["x", "y", "w", "h"]]) == list(want.loc[0, ["x", "y", "w", "h"]])
+    assert np.allclose(got.loc[0, list(EMOTIONS)].to_numpy(float),
+                       want.loc[0, list(EMOTIONS)].to_numpy(float), atol=1e-6)

@@ -72,7 +72,24 @@ def open_image(blob: bytes, name: str) -> Image.Image:
 
 
 def grey(im: Image.Image) -> np.ndarray:
+    """The photo as 8-bit grey. A deeper photo is scaled from its full range, not clipped to
+    0..255 as Pillow's conversion does (a 16-bit scan would read as a white page): 16-bit
+    modes from 0..65535; 32-bit integers from 0..255 when that is all they hold, else from
+    0..65535 (16-bit data stored wide), or their maximum above that; floats from 0..1 likewise."""
+    if im.mode.startswith("I;16"):
+        return _to_8bit(np.asarray(im), 65535.0)
+    if im.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        hi = float(a.max()) if a.size else 0.0
+        full = (1.0 if im.mode == "F" and hi <= 1 else 255.0 if hi <= 255 else
+                max(hi, 65535.0))
+        return _to_8bit(a, full)
     return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _to_8bit(a: np.ndarray, full: float) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(a, dtype=np.float64) * (255.0 / full)), 0,
+                   255).astype(np.uint8)
 
 
 def detect(g: np.ndarray) -> np.ndarray:

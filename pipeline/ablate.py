@@ -370,8 +370,10 @@ def choose_slots(s: StudyPlan, requested: int | None) -> tuple[int, float]:
         return k, rates[k] / rates[1]
     if requested == 1:
         return 1, 1.0
-    one = measure_concurrent(cfg, 1, seconds=0.5)["img_per_s"]
-    at_k = measure_concurrent(cfg, requested, seconds=0.5)["img_per_s"]
+    # A CPU trains the study's own widths slowly: a shorter pass keeps the measurement brief.
+    n = cfg.batch_size * (32 if device.type == "cuda" else 8)
+    one = measure_concurrent(cfg, 1, seconds=0.5, n_images=n)["img_per_s"]
+    at_k = measure_concurrent(cfg, requested, seconds=0.5, n_images=n)["img_per_s"]
     print(f"concurrent {requested}: {at_k / one:.2f}x the training img/s of one unit at a time "
           f"on the reference network ({at_k:,.0f} against {one:,.0f})", flush=True)
     return requested, at_k / one

@@ -342,8 +342,10 @@ class Runtime:
             self.channels_last = False
         # A CUDA graph replays one fixed kernel sequence: only where nothing in the step needs
         # the host (Adam's capturable update; schedulers that change the lr alone).
+        # A run's own dropout generator must be registered with its graph (torch >= 2.5).
         self.graphs = (cfg.cuda_graphs and self.device.type == "cuda" and cfg.optimizer == "adam"
-                       and cfg.scheduler != "onecycle")
+                       and cfg.scheduler != "onecycle"
+                       and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         self.cfg = cfg
 
     def autocast(self, cache: bool = True):

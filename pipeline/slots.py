@@ -34,7 +34,8 @@ def _own_stream(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    torch.cuda.set_device(device)
+    if device.index is not None:  # "cuda" alone is the current device, which threads share
+        torch.cuda.set_device(device)
     with torch.cuda.stream(torch.cuda.Stream(device)):
         yield
 

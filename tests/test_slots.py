@@ -30,6 +30,10 @@ from tests.conftest import ROOT, TINY, start_cli
 from tests.solo_reference import PINNED_ENV
 from tests.test_ablate import child_runs, mini_study
 
+# cuBLAS is deterministic across streams only with a fixed workspace, read when its first handle
+# is made: set here, at collection, before any test touches a GPU (the GPU test below).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 # A dropout-heavy run: element-wise dropout in every conv block and in the head.
 DROPPY = Config(stage="improved", width=0.125, batch_size=16, epochs=3, augment=True,
                 conv_dropout=0.25, fc_dropout=0.5, label_smoothing=0.1, grad_clip=1.0,

@@ -754,33 +754,30 @@ def worker_threads(jobs: int, concurrent: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs * concurrent, 1))
 
 
-def seed_count(text: str) -> int | None:
-    """``--seeds``: a whole number 1 or more; empty is "not given" (the study's own number),
-    which is how `mlflow run` passes the parameter left at its default."""
-    if not text.strip():
-        return None
+def _one_or_more(text: str, expected: str) -> int:
+    """A whole number 1 or more from the command line, or the one line saying ``expected``."""
     try:
         k = lifecycle.whole(text)
     except argparse.ArgumentTypeError:
         k = 0
     if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number 1 or more (a study of no "
-                                         f"seeds has no answer), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return k
+
+
+def seed_count(text: str) -> int | None:
+    """``--seeds``: a whole number 1 or more; empty is "not given" (the study's own number),
+    which is how `mlflow run` passes the parameter left at its default."""
+    if not text.strip():
+        return None
+    return _one_or_more(text, "a whole number 1 or more (a study of no seeds has no answer)")
 
 
 def concurrency(text: str) -> int | None:
     """``--concurrent``: ``auto`` (None) or a whole number of units at once, 1 or more."""
     if text.strip().lower() == "auto":
         return None
-    try:
-        k = lifecycle.whole(text)
-    except argparse.ArgumentTypeError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or a whole number 1 or more, got "
-                                         f"{text!r}")
-    return k
+    return _one_or_more(text, "auto or a whole number 1 or more")
 
 
 def _start_worker(o: AblateOptions, s: StudyPlan, name: str,

@@ -33,12 +33,14 @@ from optuna.trial import TrialState
 from . import data as fer
 from . import findings, plots, tracking
 from . import study as lifecycle
-from .cli import parser, run_main
-from .config import STAGES, TOGGLES, Config, build, coerce, config_path
+from .cli import Number, parser, run_main
+from .config import RANGES, STAGES, TOGGLES, Config, build, config_path
 from .errors import ConfigError, UsageError
 from .augment import tta_thetas
 from .engine import Runtime, Slot, measure_rates
 from .models import supports_residual
+from . import numbers
+from .numbers import WHOLE_1, Range
 from .slots import Pool, best_k, measure_concurrent
 from .stores import first_use_lock
 from .study import StudyOptions, find_run, storage_of, trial_id
@@ -99,6 +101,7 @@ class StudyPlan:
         return said or "none (the study's own settings)"
 
 
+ACCURACY = Range(low=0, high=1)
 STUDY_KEYS = ("reference", "base", "ladder", "seeds", "reported", "toggles", "profiles")
 
 
@@ -124,11 +127,8 @@ def _check_toggles(toggles: dict, where: str) -> None:
             if side in spec and not isinstance(spec[side], dict):
                 raise UsageError(f"{where}: toggle {t!r}: {side} must be a mapping of config "
                                  f"keys, got {spec[side]!r}.")
-            try:
-                for k, v in (spec.get(side) or {}).items():
-                    coerce(k, v, f"{where} toggle {t} {side}")
-            except ConfigError as e:
-                raise UsageError(str(e)) from None
+            if side in spec:
+                spec[side] = lifecycle.check_budget(spec[side] or {}, f"{where} toggle {t} {side}")
 
 
 def load_study(path: str | Path, profile: str, seeds: int | None = None,
@@ -138,38 +138,56 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
     d, prof = lifecycle.read_study_file(p, "study", STUDY_KEYS, profile)
     toggles = _need(d, "toggles", dict, str(p))
     _check_toggles(toggles, str(p))
-    lifecycle.check_budget(budget or {}, "the command line")
-    reported = d.get("reported") or {}
+    budget = lifecycle.check_budget(budget or {}, "the command line")
     s = StudyPlan(path=p, reference=_need(d, "reference", str, str(p)),
                   base=_need(d, "base", str, str(p)),
-                  ladder=list(_need(d, "ladder", list, str(p))),
+                  ladder=_ladder(d, p),
                   seeds=seeds if seeds is not None else _file_seeds(d, prof, p, profile),
-                  reported={k: float(v) for k, v in reported.items()}, toggles=toggles,
+                  reported=_reported(d, p), toggles=toggles,
                   profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
                   log_models="all" if prof.get("log_models", False) else "none",
                   extra=list(prof.get("extra_cells") or []),
                   stage_budget=_stage_budget(prof, budget or {}, f"{p} profile {profile}"))
-    if isinstance(s.seeds, bool) or not isinstance(s.seeds, int) or s.seeds < 1:
-        raise UsageError(f"seeds: expected a whole number 1 or more (a study of no seeds has no "
-                         f"answer), got {s.seeds!r}.")
+    numbers.check(s.seeds, WHOLE_1, "seeds", UsageError)  # a study of no seeds has no answer
     try:
         s.cells = _cells(s)
         for c in s.cells:
             s.config(c, 0)
     except ConfigError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(str(e) if str(e).startswith(str(p)) else f"{p}: {e}") from None
     return s
+
+
+def _ladder(d: dict, p: Path) -> list[str]:
+    ladder = _need(d, "ladder", list, str(p))
+    bad = [v for v in ladder if not isinstance(v, str) or not v.strip()]
+    if bad or not ladder:
+        raise UsageError(f"{p}: ladder: expected a list of stage names or config YAML paths, got "
+                         f"{numbers.shown(bad[0] if bad else ladder)}.")
+    return list(ladder)
 
 
 def _file_seeds(d: dict, prof: dict, p: Path, profile: str) -> int:
     """The profile's seeds, else the file's (3 when neither says), each checked where it is
     written: a whole number 1 or more, never a value cut or a fallback taken silently."""
+    found = None
     for where, mapping in ((f"{p} profile {profile}", prof), (str(p), d)):
-        v = mapping.get("seeds")
-        if "seeds" in mapping and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UsageError(f"{where}: seeds must be a whole number 1 or more (a study of no "
-                             f"seeds has no answer), got {v!r}.")
-    return prof.get("seeds") or d.get("seeds", 3)
+        v = numbers.check(mapping.get("seeds"), WHOLE_1, f"{where}: seeds", UsageError)
+        found = v if found is None else found
+    return 3 if found is None else found
+
+
+def _reported(d: dict, p: Path) -> dict[str, float]:
+    reported = d.get("reported") or {}
+    if not isinstance(reported, dict):
+        raise UsageError(f"{p}: reported: expected a mapping of stage names to accuracies, got "
+                         f"{numbers.shown(reported)}.")
+    out = {}
+    for stage, v in reported.items():
+        got = numbers.check(v, ACCURACY, f"{p}: reported: {stage}", UsageError)
+        if got is not None:
+            out[str(stage)] = got
+    return out
 
 
 def _stage_budget(prof: dict, cli: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -183,7 +201,7 @@ def _stage_budget(prof: dict, cli: dict[str, Any], where: str) -> dict[str, dict
         if stage not in STAGES or not isinstance(kv, dict):
             raise UsageError(f"{where}: stage_set entry {stage!r}: {kv!r}; expected one of "
                              f"{', '.join(STAGES)} mapped to config keys.")
-        lifecycle.check_budget(kv, f"{where} stage_set {stage}")
+        kv = lifecycle.check_budget(kv, f"{where} stage_set {stage}")
         out[stage] = {k: v for k, v in kv.items() if k not in cli}
     return out
 
@@ -248,7 +266,7 @@ def _extra_cell(s: StudyPlan, spec: Any, i: int, taken: set[str]) -> Cell:
     if stage not in (s.reference, s.base):
         raise UsageError(f"{where}: stage {stage!r} must be the reference ({s.reference}) or the "
                          f"base ({s.base}), the cells an extra arm is paired against.")
-    overrides = {k: coerce(k, v, where) for k, v in spec["set"].items()}
+    overrides = lifecycle.check_budget(spec["set"], where)
     against = build(config_path(stage))
     arm = build(config_path(stage), overrides)
     if _is_on(arm, s.toggles[toggle]) == _is_on(against, s.toggles[toggle]):
@@ -754,30 +772,11 @@ def worker_threads(jobs: int, concurrent: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs * concurrent, 1))
 
 
-def _one_or_more(text: str, expected: str) -> int:
-    """A whole number 1 or more from the command line, or the one line saying ``expected``."""
-    try:
-        k = lifecycle.whole(text)
-    except argparse.ArgumentTypeError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return k
-
-
-def seed_count(text: str) -> int | None:
-    """``--seeds``: a whole number 1 or more; empty is "not given" (the study's own number),
-    which is how `mlflow run` passes the parameter left at its default."""
-    if not text.strip():
-        return None
-    return _one_or_more(text, "a whole number 1 or more (a study of no seeds has no answer)")
-
-
-def concurrency(text: str) -> int | None:
-    """``--concurrent``: ``auto`` (None) or a whole number of units at once, 1 or more."""
-    if text.strip().lower() == "auto":
-        return None
-    return _one_or_more(text, "auto or a whole number 1 or more")
+# --seeds: a study of no seeds has no answer. An empty value (how `mlflow run` passes the
+# parameter left at its default) is not given: the study's own number.
+seed_count = Number(WHOLE_1)
+# --concurrent: auto (None) or a whole number of units at once.
+concurrency = Number(WHOLE_1, words={"auto": None})
 
 
 def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
@@ -804,19 +803,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study", default=str(ROOT / "ablations" / "study.yaml"))
     p.add_argument("--seeds", type=seed_count, default=None,
                    help="seeds per cell, 1 or more (default, or an empty value: the study's)")
-    p.add_argument("--epochs", type=lifecycle.whole, default=None, help="cap (0: the profile's)")
-    p.add_argument("--data-fraction", type=float, default=None)
-    p.add_argument("--width", type=float, default=None)
+    p.add_argument("--epochs", type=Number(RANGES["epochs"]), default=None,
+                   help="epochs of every cell (default, or an empty value: the profile's)")
+    p.add_argument("--data-fraction", type=Number(RANGES["data_fraction"]), default=None,
+                   help="share of each train split used (default: the profile's)")
+    p.add_argument("--width", type=Number(RANGES["width"]), default=None,
+                   help="channel multiplier of every net (default: the profile's)")
     p.add_argument("--report-dir", default="ablation_report")
-    p.add_argument("--jobs", type=lifecycle.whole, default=1,
+    p.add_argument("--jobs", type=Number(WHOLE_1), default=1,
                    help="workers on this machine (one process each, the CPU threads split "
                         "between them; on a GPU they share it)")
     p.add_argument("--log-models", choices=("all", "none", "reference", ""), default=None,
                    help="which runs log an MLflow model (default: the profile's; reference: "
                         "only the reference stage's seed-0 run)")
-    p.add_argument("--threads", type=lifecycle.whole, default=0,
-                   help="torch CPU threads of each unit this worker trains (0: the cores split "
-                        "over --jobs and --concurrent)")
+    p.add_argument("--threads", type=Number(WHOLE_1, words={"auto": None}), default=None,
+                   metavar="auto|N",
+                   help="torch CPU threads of each unit this worker trains (default auto: the "
+                        "cores split over --jobs and --concurrent)")
     p.add_argument("--concurrent", type=concurrency, default=None, metavar="auto|K",
                    help="units this worker trains at once, each on its own thread (and CUDA "
                         "stream), each exactly as it trains alone; auto: 1 on a CPU, on a GPU "
@@ -825,12 +828,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the report when the queue is empty (extra workers leave it to "
                         "the one that started them)")
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {a.jobs}.")
     # auto is 1 on a CPU, where the threads matter; on a GPU they hardly do.
     torch.set_num_threads(a.threads or worker_threads(a.jobs, a.concurrent or 1))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
-                                ("width", a.width)) if v}
+                                ("width", a.width)) if v is not None}
     profile = lifecycle.resolve_profile(a.profile)
     load_study(a.study, profile, a.seeds, budget)  # a bad file: before any store
     exp = tracking.setup(a.experiment)

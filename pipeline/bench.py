@@ -19,7 +19,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from . import data as fer
-from .cli import parser, run_main
+from . import numbers
+from .cli import Number, parser, run_main
 from .errors import UsageError
 from .config import STAGE_DIR, STAGES, build, parse_set
 from .engine import (Recipe, Runtime, TrainStep, build_optimizer, predict, seed_everything,
@@ -238,20 +239,24 @@ def run_bench(data_path: str | None, overrides: dict, seconds: float,
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        ks = [0]
-    if any(k < 1 for k in ks):
-        raise UsageError(f"--concurrent {text}: expected whole numbers 1 or more separated by "
-                         f"commas, e.g. 1,2,4,8.")
+    """``1,2,4,8``: each a whole number 1 or more, by the rule of every number (numbers)."""
+    ks = []
+    for part in text.split(","):
+        try:
+            k = numbers.parse(part, numbers.WHOLE_1)
+        except numbers.NumberError as e:
+            raise UsageError(f"--concurrent {text}: {part.strip()!r}: {e}; give them separated "
+                             f"by commas, e.g. 1,2,4,8.") from None
+        if k is not None:
+            ks.append(k)
     return ks
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("Measure training/evaluation throughput per stage and data load times.")
     p.add_argument("--data", default=None, help="time parsing this file (default: a generated one)")
-    p.add_argument("--seconds", type=float, default=10.0, help="timing window per measurement")
+    p.add_argument("--seconds", type=Number(numbers.POSITIVE), default=10.0,
+                   help="timing window per measurement")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for every stage, e.g. --set width=0.5")

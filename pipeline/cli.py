@@ -4,45 +4,63 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
+from . import numbers
 from .errors import EXPECTED, UsageError, TrainingError  # noqa: F401 (imported from here too)
+from .numbers import Range
 from .stores import bound_retries
 
 
-def whole(text: str) -> int:
-    """A whole number from the command line; MLproject passes "3.0", which is one, and 3.5 is
-    refused with one line instead of being cut to 3."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not math.isfinite(v) or v != int(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
-    return int(v)
+class Number:
+    """An argparse ``type`` that reads a flag's value by pipeline.numbers' rule; an empty value
+    is not given, so the flag keeps its default (MLproject passes "" for a parameter left out).
+    ``words`` name values that are not numbers (``{"auto": None}``)."""
+
+    def __init__(self, rng: Range, words: dict[str, Any] | None = None):
+        self.rng, self.words = rng, dict(words or {})
+        self.__name__ = "number"  # argparse names the type in some of its own messages
+
+    def expected(self) -> str:
+        return " or ".join((*self.words, self.rng.expected()))
+
+    def __call__(self, text: str) -> Any:
+        if text.strip().lower() in self.words:
+            return self.words[text.strip().lower()]
+        try:
+            return numbers.parse(text, self.rng)
+        except numbers.NumberError:
+            raise argparse.ArgumentTypeError(f"expected {self.expected()}, got "
+                                             f"{numbers.shown(text)}") from None
 
 
-def share(text: str) -> float:
-    """A share strictly between 0 and 1 (a fraction of the rows)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") \
-            from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (both excluded), "
-                                         f"got {text!r}")
-    return v
+whole = Number(numbers.WHOLE_0)
+share = Number(numbers.SHARE_OPEN)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with two rules of the project: a refused value is one line (``error: argument
+    --seeds: expected ..., got '0'``), and a flag whose value reads as not given (``None``: an
+    empty number) keeps its default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            d = action.default
+            if action.type is not None and d is not None and getattr(ns, action.dest, 0) is None:
+                setattr(ns, action.dest, action.type(d) if isinstance(d, str) else d)
+        return ns, rest
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment name (ignored under `mlflow run`, which chose one); "
                         "default fer2013")

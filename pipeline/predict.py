@@ -28,7 +28,7 @@ from typing import IO, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import faces, plots, serving
+from . import faces, numbers, plots, serving
 from .cli import parser, run_main
 from .config import EMOTIONS
 from .errors import InputError, UsageError
@@ -56,21 +56,22 @@ class Every:
         return max(1, round(self.seconds * fps))
 
 
-def every(text: str) -> Every:
+def every(text: str) -> Every | None:
+    """``--every``: N frames (a whole number 1 or more) or T seconds (``0.5s``, above 0), each
+    read by the rule of every number (numbers)."""
     t = text.strip().lower()
+    if not t:
+        return None  # not given: the flag's default
+    rng = numbers.POSITIVE if t.endswith("s") else numbers.WHOLE_1
     try:
-        if t.endswith("s"):
-            v = float(t[:-1])
-            if v > 0 and np.isfinite(v):
-                return Every(seconds=v)
-        else:
-            v = int(t)
-            if v >= 1:
-                return Every(n=v)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of frames (e.g. 10) "
-                                     f"or seconds with an s (e.g. 0.5s)")
+        v = numbers.parse(t[:-1] if t.endswith("s") else t, rng)
+    except numbers.NumberError:
+        v = None
+    if v is not None:
+        return Every(seconds=v) if t.endswith("s") else Every(n=v)
+    raise argparse.ArgumentTypeError(f"expected a whole number of frames 1 or more (e.g. 10) "
+                                     f"or seconds above 0 with an s (e.g. 0.5s), got "
+                                     f"{numbers.shown(text)}")
 
 
 @dataclass

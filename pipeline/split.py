@@ -12,7 +12,8 @@ import numpy as np
 
 from . import data as fer
 from . import plots, tracking
-from .cli import parser, run_main, share, whole
+from .cli import Number, parser, run_main, share
+from .numbers import SEED
 from .data import EMOTIONS, FerData, check_usage
 from .errors import DataError
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="fer2013.csv(.gz), icml_face_data.csv or an "
                                                  "image folder with train/ and test/")
     p.add_argument("--val-fraction", type=share, default=0.2)
-    p.add_argument("--seed", type=whole, default=0)
+    p.add_argument("--seed", type=Number(SEED), default=0)
     a = p.parse_args(argv)
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()

@@ -43,7 +43,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from . import tracking
-from .cli import whole  # noqa: F401 (the studies take it from here with their other arguments)
+from .cli import Number, whole  # noqa: F401 (the studies take it from here with their other arguments)
+from .numbers import WHOLE_1
 from .config import coerce, load_yaml
 from .errors import EXPECTED, ConfigError, UsageError
 from .stores import TrackingLost, first_use_lock, owner_alive, owner_tag
@@ -79,7 +80,7 @@ def add_study_args(p: argparse.ArgumentParser, default_storage: str,
                    help="Optuna storage shared by the workers; postgresql://user@host/db to "
                         "share it between machines")
     p.add_argument("--study-name", default=None)
-    p.add_argument("--heartbeat", type=whole, default=20,
+    p.add_argument("--heartbeat", type=Number(WHOLE_1), default=20,
                    help="seconds between worker heartbeats")
     p.add_argument("--register", default=None, metavar="NAME",
                    help="register the study's best model (by the val accuracy it is served "
@@ -136,16 +137,18 @@ def read_study_file(path: str | Path, what: str, keys: tuple[str, ...],
     if not isinstance(prof, dict) or not isinstance(prof.get("set") or {}, dict):
         raise UsageError(f"{p}: profile {profile} must be a mapping with `set` a mapping of "
                          f"config keys, got {prof!r}.")
-    check_budget(prof.get("set") or {}, f"{p} profile {profile}")
+    prof = {**prof, "set": check_budget(prof.get("set") or {}, f"{p} profile {profile}")}
     return d, prof
 
 
-def check_budget(budget: dict[str, Any], where: str) -> None:
+def check_budget(budget: dict[str, Any], where: str) -> dict[str, Any]:
+    """Config keys of a budget, each checked and read as the config reads it; a key written
+    without a value is left out (not given)."""
     try:
-        for k, v in budget.items():
-            coerce(k, v, where)
+        out = {k: coerce(k, v, where) for k, v in budget.items()}
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- storage

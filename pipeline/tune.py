@@ -9,6 +9,7 @@ stop at N. Workers record heartbeats, so a killed worker's trial is retried by a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,10 +28,12 @@ from optuna.visualization import matplotlib as ovm
 from . import data as fer
 from . import plots, stats, tracking
 from . import study as lifecycle
-from .cli import parser, run_main
-from .config import (SCHEDULERS, Config, build, coerce, config_path, served_val_metric,
+from .cli import Number, parser, run_main
+from .config import (RANGES, SCHEDULERS, Config, build, coerce, config_path, served_val_metric,
                      to_yaml)
 from .engine import StopRun
+from . import numbers
+from .numbers import POSITIVE, SEED, WHOLE_0, WHOLE_1, Range
 from .errors import ConfigError, UsageError
 from .study import StudyOptions, find_run, storage_of, trial_id
 from .train import RunResult, train
@@ -44,6 +47,20 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 SPACE_KEYS = ("base", "profiles", "sampler", "pruner", "space")
+# The arguments a search file may give each sampler and pruner, with the numbers each takes.
+SAMPLERS = {"tpe": (optuna.samplers.TPESampler,
+                    {"seed": SEED, "n_startup_trials": WHOLE_0, "n_ei_candidates": WHOLE_1}),
+            "random": (optuna.samplers.RandomSampler, {"seed": SEED})}
+_STEPS = {"n_warmup_steps": WHOLE_0, "interval_steps": WHOLE_1}
+PRUNERS = {"median": (optuna.pruners.MedianPruner,
+                      {"n_startup_trials": WHOLE_0, "n_min_trials": WHOLE_1, **_STEPS}),
+           "hyperband": (optuna.pruners.HyperbandPruner,
+                         {"min_resource": (WHOLE_1, ("auto",)),
+                          "max_resource": (WHOLE_1, ("auto",)),
+                          "reduction_factor": Range(whole=True, low=2)}),
+           "threshold": (optuna.pruners.ThresholdPruner,
+                         {"lower": Range(), "upper": Range(), **_STEPS}),
+           "none": (optuna.pruners.NopPruner, {})}
 
 
 def load_space(path: str | Path, profile: str) -> "Space":
@@ -57,13 +74,21 @@ def load_space(path: str | Path, profile: str) -> "Space":
     if not isinstance(space, dict) or not isinstance(retrain, dict):
         raise UsageError(f"{p}: space and a profile's retrain must be mappings, got "
                          f"{space!r} and {retrain!r}.")
-    sp = Space(path=p, base_path=config_path(str(d.get("base", "improved"))), profile=profile,
+    base = d.get("base") if d.get("base") is not None else "improved"
+    if not isinstance(base, str):
+        raise UsageError(f"{p}: base: expected a stage name or a config YAML path, got "
+                         f"{numbers.shown(base)}.")
+    try:
+        base_path = config_path(base)
+    except ConfigError as e:
+        raise UsageError(f"{p}: base: {e}") from None
+    sp = Space(path=p, base_path=base_path, profile=profile,
                budget=budget, retrain=dict(retrain),
                sampler_spec=d.get("sampler") or {"name": "tpe", "seed": 0},
                pruner_spec=d.get("pruner") or {"name": "median"}, space=space)
     if not sp.space:
         raise UsageError(f"{p}: the space is empty; give at least one parameter.")
-    lifecycle.check_budget(sp.retrain, f"{p} profile {profile} retrain")
+    sp.retrain.update(lifecycle.check_budget(sp.retrain, f"{p} profile {profile} retrain"))
     try:
         sp.check(sp.space, str(p))
         build(sp.base_path, sp.budget)
@@ -95,18 +120,7 @@ class Space:
             if key not in Config().to_dict():
                 coerce(key, None, at)  # raises: unknown key, with the valid ones listed
             if spec["type"] in ("float", "int"):
-                lo, hi = spec.get("low"), spec.get("high")
-                if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and
-                        math.isfinite(lo) and math.isfinite(hi)):
-                    raise UsageError(f"{at}: needs finite numeric low and high, got {lo!r} and "
-                                     f"{hi!r}.")
-                if lo >= hi:
-                    raise UsageError(f"{at}: empty or inverted range [{lo}, {hi}]; low must be "
-                                     f"below high.")
-                if spec.get("log") and lo <= 0:
-                    raise UsageError(f"{at}: a log range needs low > 0, got {lo}.")
-                coerce(key, int(lo) if spec["type"] == "int" else float(lo), at)
-                coerce(key, int(hi) if spec["type"] == "int" else float(hi), at)
+                self._check_range(key, spec, at)
             elif spec["type"] == "categorical":
                 choices = spec.get("choices")
                 if not choices:
@@ -126,6 +140,29 @@ class Space:
             else:
                 raise UsageError(f"{at}: unknown type {spec['type']!r}; use float, int or "
                                  f"categorical.")
+
+    @staticmethod
+    def _check_range(key: str, spec: dict, at: str) -> None:
+        """``low`` and ``high`` read by the key's own range (pipeline.numbers), written back as
+        numbers, so ``1e-4`` (text to YAML) samples as it reads."""
+        rng = RANGES.get(key)
+        if rng is None:
+            raise UsageError(f"{at}: {key} is not a number; search it as type: categorical.")
+        if spec["type"] == "float" and rng.whole:
+            raise UsageError(f"{at}: {key} is a whole number; search it as type: int.")
+        rng = dataclasses.replace(rng, whole=spec["type"] == "int")
+        for end in ("low", "high"):
+            spec[end] = numbers.check(spec.get(end), rng, f"{at}: {end}", UsageError)
+            if spec[end] is None:
+                raise UsageError(f"{at}: {end}: expected {rng.expected()}, got nothing.")
+        if spec["low"] >= spec["high"]:
+            raise UsageError(f"{at}: empty or inverted range [{spec['low']}, {spec['high']}]; "
+                             f"low must be below high.")
+        if not isinstance(spec.get("log", False), bool):
+            raise UsageError(f"{at}: log: expected true or false, got "
+                             f"{numbers.shown(spec['log'])}.")
+        if spec.get("log") and spec["low"] <= 0:
+            raise UsageError(f"{at}: a log range needs low > 0, got {spec['low']}.")
 
     def sample(self, trial: optuna.Trial, space: dict | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -147,22 +184,37 @@ class Space:
         return build(self.base_path, {**budget, **params, "seed": seed})
 
     def sampler(self) -> optuna.samplers.BaseSampler:
-        spec = dict(self.sampler_spec)
-        name = spec.pop("name", "tpe")
-        kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-        if name not in kinds:
-            raise UsageError(f"{self.path}: unknown sampler {name!r}; choose {', '.join(kinds)}.")
-        return kinds[name](**spec)
+        return self._engine("sampler", self.sampler_spec, "tpe", SAMPLERS)
 
     def pruner(self) -> optuna.pruners.BasePruner:
-        spec = dict(self.pruner_spec)
-        name = spec.pop("name", "median")
-        kinds = {"median": optuna.pruners.MedianPruner,
-                 "hyperband": optuna.pruners.HyperbandPruner,
-                 "threshold": optuna.pruners.ThresholdPruner, "none": optuna.pruners.NopPruner}
-        if name not in kinds:
-            raise UsageError(f"{self.path}: unknown pruner {name!r}; choose {', '.join(kinds)}.")
-        return kinds[name](**spec)
+        return self._engine("pruner", self.pruner_spec, "median", PRUNERS)
+
+    def _engine(self, what: str, spec: Any, default: str,
+                kinds: dict[str, tuple[Any, dict[str, Any]]]) -> Any:
+        """An Optuna sampler or pruner from its spec, every argument checked as a number here:
+        a wrong one is one line naming the file, not a TypeError from Optuna's constructor."""
+        if not isinstance(spec, dict):
+            raise UsageError(f"{self.path}: {what}: expected a mapping such as "
+                             f"{{name: {default}}}, got {numbers.shown(spec)}.")
+        spec = dict(spec)
+        name = spec.pop("name", default)
+        if not isinstance(name, str) or name not in kinds:
+            raise UsageError(f"{self.path}: unknown {what} {numbers.shown(name)}; choose "
+                             f"{', '.join(kinds)}.")
+        cls, args = kinds[name]
+        kwargs = {}
+        for k, v in spec.items():
+            if k not in args:
+                raise UsageError(f"{self.path}: {what} {name}: unknown key {k!r}; valid keys: "
+                                 f"{', '.join(args) or 'none'}.")
+            rng, words = args[k] if isinstance(args[k], tuple) else (args[k], ())
+            if v in words:
+                kwargs[k] = v
+            else:
+                got = numbers.check(v, rng, f"{self.path}: {what} {name}: {k}", UsageError)
+                if got is not None:
+                    kwargs[k] = got
+        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- the study
@@ -458,22 +510,23 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("Tune the LR schedule and dropout with Optuna (resumable; shareable by workers).")
     lifecycle.add_study_args(p, DEFAULT_STORAGE)
     p.add_argument("--space", default=str(ROOT / "ablations" / "tune.yaml"))
-    p.add_argument("--n-trials", type=lifecycle.whole, default=20,
+    p.add_argument("--n-trials", type=Number(WHOLE_1), default=20,
                    help="finished trials the study should hold in total, over all workers")
-    p.add_argument("--timeout", type=float, default=None, help="seconds this worker may search")
+    p.add_argument("--timeout", type=Number(POSITIVE), default=None,
+                   help="seconds this worker may search (default: no limit)")
     p.add_argument("--retrain-best", action=argparse.BooleanOptionalAction, default=False,
                    help="train the best config and the base at the profile's retrain budget on "
                         "--retrain-seeds fresh seeds, and compare them paired by seed (needed "
                         "by --register)")
-    p.add_argument("--retrain-seeds", type=lifecycle.whole, default=3,
+    p.add_argument("--retrain-seeds", type=Number(WHOLE_1), default=3,
                    help="fresh seeds for --retrain-best (seed+1, seed+2, ...)")
-    p.add_argument("--seed", type=lifecycle.whole, default=0, help="training seed of every trial")
+    p.add_argument("--seed", type=Number(SEED), default=0, help="training seed of every trial")
     p.add_argument("--out-dir", default="tune_report")
-    p.add_argument("--threads", type=lifecycle.whole, default=0,
-                   help="torch CPU threads (0: all cores); split the cores when several workers "
-                        "share this machine")
+    p.add_argument("--threads", type=Number(WHOLE_1, words={"auto": None}), default=None,
+                   metavar="auto|N", help="torch CPU threads (default auto: all cores); split "
+                   "the cores when several workers share this machine")
     a = p.parse_args(argv)
-    if a.threads > 0:
+    if a.threads is not None:
         torch.set_num_threads(a.threads)
     profile = lifecycle.resolve_profile(a.profile)
     load_space(a.space, profile)  # a bad file: before any store is created or migrated

@@ -380,7 +380,7 @@ def test_a_stage_budget_applies_to_that_stage_s_cells_and_the_command_line_overr
 
 @pytest.mark.parametrize("stage_set, needle", [
     ({"vgg": {"width": 0.25}}, "stage_set entry 'vgg'"),
-    ({"basic": {"width": 0}}, "width=0"),
+    ({"basic": {"width": 0}}, "width: expected a finite number above 0, got 0."),
     ([{"basic": {"width": 0.25}}], "stage_set must map stage names"),
 ])
 def test_a_bad_stage_budget_fails_before_training(tmp_path, stage_set, needle):
@@ -398,7 +398,8 @@ def test_a_bad_stage_budget_fails_before_training(tmp_path, stage_set, needle):
     ({"toggle": "batchnorm", "set": {"lr": 1e-4}}, "leave batchnorm as basic has it"),
     ({"toggle": "batchnorm", "stage": "resnet", "set": {"batchnorm": True}},
      "must be the reference (basic) or the base"),
-    ({"toggle": "batchnorm", "set": {"batchnorm": True, "lr": -1}}, "lr=-1"),
+    ({"toggle": "batchnorm", "set": {"batchnorm": True, "lr": -1}},
+     "lr: expected a finite number above 0, got -1."),
     ({"toggle": "batchnorm", "set": {"batchnorm": True}}, "already trains"),
     ("improved -batchnorm", "expected a mapping"),
 ])
@@ -414,7 +415,8 @@ def test_bad_extra_cells_fail_before_training(tmp_path, spec, needle):
 
 @pytest.mark.parametrize("change, needle", [
     ({"toggles": {"dropout": {"with": {}, "without": {}}}}, "unknown toggle(s) ['dropout']"),
-    ({"profiles": {"smoke": {"set": {"epochs": "many"}}}}, "epochs='many'"),
+    ({"profiles": {"smoke": {"set": {"epochs": "many"}}}},
+     "epochs: expected a whole number from 1 to 2147483647, got 'many'."),
     ({"toggles": {"augment": {"with": {"augment": True}}}}, "needs 'with' and 'without'"),
     ({"seed": 5}, "unknown key 'seed'. Valid keys: base, ladder, profiles, reference"),
 ])
@@ -556,33 +558,41 @@ def _with_seeds(tmp_path: Path, where: str, value) -> Path:
     return p
 
 
-def _seeds_refusal(p: Path, where: str, value) -> str:
-    return (f"{p}{' profile smoke' if where == 'profile' else ''}: seeds must be a whole number "
-            f"1 or more (a study of no seeds has no answer), got {value!r}.")
+def _seeds_refusal(p: Path, where: str, shown: str) -> str:
+    return (f"{p}{' profile smoke' if where == 'profile' else ''}: seeds: expected a whole "
+            f"number from 1 to 2147483647, got {shown}.")
 
 
 @pytest.mark.parametrize("where", ["file", "profile"])
-@pytest.mark.parametrize("value", ["three", 2.5, 0, -1, True, None])
-def test_a_seed_count_that_is_not_a_whole_number_1_or_more_is_refused(tmp_path, where, value):
+@pytest.mark.parametrize("value, shown", [("three", "'three'"), (2.5, "2.5"), (0, "0"),
+                                          (-1, "-1"), (True, "true"), (".nan", "'.nan'")])
+def test_a_seed_count_that_is_not_a_whole_number_1_or_more_is_refused(tmp_path, where, value,
+                                                                       shown):
     """`seeds: three` was a traceback under quick and ignored under smoke (its profile's seeds
     won); `seeds: 2.5` was cut to 2."""
     p = _with_seeds(tmp_path, where, value)
     with pytest.raises(UsageError) as e:
         load_study(p, "smoke")
-    assert str(e.value) == _seeds_refusal(p, where, value)
+    assert str(e.value) == _seeds_refusal(p, where, shown)
 
 
-@pytest.mark.parametrize("where, value, profile", [("file", "three", "quick"),
-                                                    ("profile", 2.5, "smoke")])
+def test_seeds_written_without_a_value_are_not_given_and_the_next_level_decides(tmp_path):
+    assert load_study(_with_seeds(tmp_path, "profile", None), "smoke").seeds == 3  # the file's
+    assert load_study(_with_seeds(tmp_path, "file", None), "smoke").seeds == 2  # the profile's
+    assert load_study(_with_seeds(tmp_path, "file", "4.0"), "quick").seeds == 4  # text or not
+
+
+@pytest.mark.parametrize("where, value, shown, profile", [("file", "three", "'three'", "quick"),
+                                                           ("profile", 2.5, "2.5", "smoke")])
 def test_a_bad_seed_count_is_one_line_before_any_store_exists(kaggle_csv, tmp_path, where,
-                                                               value, profile):
+                                                               value, shown, profile):
     p = _with_seeds(tmp_path, where, value)
     stores = tmp_path / "stores"
     r = run_cli("pipeline.ablate", "--data", str(kaggle_csv), "--study", str(p), "--profile",
                 profile, "--storage", f"sqlite:///{stores / 'a.db'}",
                 env={"MLFLOW_TRACKING_URI": f"sqlite:///{stores / 'm.db'}"})
     assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-1000:]
-    assert r.stderr.strip().splitlines() == [f"error: {_seeds_refusal(p, where, value)}"]
+    assert r.stderr.strip().splitlines() == [f"error: {_seeds_refusal(p, where, shown)}"]
     assert not stores.exists()
 
 
@@ -594,8 +604,9 @@ def test_seeds_on_the_command_line_must_be_1_or_more(kaggle_csv, tmp_path, value
                 "--seeds", value, "--storage", f"sqlite:///{tmp_path / 's' / 'a.db'}",
                 env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 's' / 'm.db'}"})
     assert r.returncode == 2
-    assert "argument --seeds: expected a whole number 1 or more (a study of no seeds has no " \
-           f"answer), got {value!r}" in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: argument --seeds: expected a whole number from 1 to 2147483647, got {value!r} "
+        f"(see ablate.py --help)"]
     assert not (tmp_path / "s").exists()
 
 

@@ -51,5 +51,5 @@ def test_bench_concurrent_refuses_a_k_below_one(tmp_path):
                 cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: --concurrent 1,0: expected whole numbers 1 or more separated by commas, e.g. "
-        "1,2,4,8."]
+        "error: --concurrent 1,0: '0': expected a whole number from 1 to 2147483647, got '0'; "
+        "give them separated by commas, e.g. 1,2,4,8."]

@@ -144,7 +144,18 @@ def test_failing_trial_does_not_stop_the_study(kaggle_csv, tmp_path):
     ({"lr": {"type": "float", "low": 0.01, "high": 0.001}}, "empty or inverted range"),
     ({"fc_dropout": {"type": "float", "low": 0.5, "high": 0.5}}, "empty or inverted range"),
     ({"momentum_x": {"type": "float", "low": 0.1, "high": 0.2}}, "unknown key 'momentum_x'"),
-    ({"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "log range needs low > 0"),
+    ({"weight_decay": {"type": "float", "low": 0, "high": 0.1, "log": True}},
+     "log range needs low > 0"),
+    ({"lr": {"type": "float", "low": 0, "high": 0.1}},
+     "lr: low: expected a finite number above 0, got 0."),
+    ({"lr": {"type": "float", "low": "1e-4", "high": ".nan"}},
+     "lr: high: expected a finite number above 0, got '.nan'."),
+    ({"epochs": {"type": "float", "low": 1, "high": 5}}, "epochs is a whole number; search it "
+                                                         "as type: int."),
+    ({"step_size": {"type": "int", "low": 1, "high": 2.5}},
+     "step_size: high: expected a whole number from 1 to 2147483647, got 2.5."),
+    ({"fc_dropout": {"type": "float", "low": True, "high": 0.5}},
+     "fc_dropout: low: expected a finite number in [0, 1], got true."),
 ])
 def test_bad_space_is_refused(tmp_path, space_change, needle):
     space = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())["space"]

@@ -834,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("width", a.width)) if v is not None}
     profile = lifecycle.resolve_profile(a.profile)
     load_study(a.study, profile, a.seeds, budget)  # a bad file: before any store
+    fer.check_source(a.data)
     exp = tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))

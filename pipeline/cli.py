@@ -11,7 +11,7 @@ import warnings
 from typing import Any, Callable
 
 from . import numbers
-from .errors import EXPECTED, UsageError, TrainingError  # noqa: F401 (imported from here too)
+from .errors import EXPECTED, UsageError, TrainingError, one_line  # noqa: F401 (imported from here too)
 from .numbers import Range
 from .stores import bound_retries
 
@@ -100,7 +100,7 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
         code = fn(argv)
     except EXPECTED as e:
         # One line: the terminal wraps it, and grep and logs keep it whole.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -123,8 +123,9 @@ def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, usage: np.n
         raise
 
 
-def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
-    """Load FER2013 from any supported layout, through the content-keyed cache."""
+def check_source(path: str | os.PathLike) -> Path:
+    """``path`` as data can be read from it (a file or a folder that is there), or the one line
+    saying why not: what every entry point checks before it creates or opens any store."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder. Expected Kaggle's fer2013.csv (plain or "
@@ -133,6 +134,12 @@ def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
         # A FIFO or a device would block or never end; only files and folders are data.
         raise DataError(f"{p}: not a regular file or a folder; expected Kaggle's fer2013.csv "
                         f"(plain or .gz), icml_face_data.csv, or an image folder.")
+    return p
+
+
+def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
+    """Load FER2013 from any supported layout, through the content-keyed cache."""
+    p = check_source(path)
     try:
         digest = content_digest(p)
     except OSError as e:

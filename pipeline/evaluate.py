@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write one row per image: index, label, predicted, 7 probabilities")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     a = p.parse_args(argv)
+    fer.check_source(a.data)  # before any store is created
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     r = run_evaluate(a.model_uri, a.data, a.usage, a.tta, a.predictions)

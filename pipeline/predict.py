@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import faces, numbers, plots, serving
 from .cli import parser, run_main
 from .config import EMOTIONS
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, one_line
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -254,12 +254,12 @@ def run_predict(inputs: list[str], model_uri: str, sink: IO[str], annotate: str 
                     tally.photos += 1
                     tally.faces += len(rec["faces"])
                     if not rec["faces"]:
-                        progress.write(f"{path}: no face found", file=sys.stderr)
+                        progress.write(one_line(f"{path}: no face found"), file=sys.stderr)
                     sink.write(json.dumps(rec) + "\n")
                     progress.update(1)
             except InputError as e:
                 tally.failed.append(str(path))
-                progress.write(f"error: {e}", file=sys.stderr)
+                progress.write(f"error: {one_line(str(e))}", file=sys.stderr)
             sink.flush()
     return tally
 

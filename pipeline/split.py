@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=share, default=0.2)
     p.add_argument("--seed", type=Number(SEED), default=0)
     a = p.parse_args(argv)
+    fer.check_source(a.data)  # before any store is created
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     out = run_split(a.data, a.val_fraction, a.seed)

@@ -534,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     overrides = parse_set(a.set)
     cfg = build(a.config, overrides)
+    fer.check_source(a.data)  # before any store is created
     tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     data = fer.load_training(a.data)

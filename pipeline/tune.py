@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     profile = lifecycle.resolve_profile(a.profile)
     load_space(a.space, profile)  # a bad file: before any store is created or migrated
+    fer.check_source(a.data)
     exp = tracking.setup(a.experiment)
     tracking.sweep_dead_runs()
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))

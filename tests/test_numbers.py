@@ -32,6 +32,8 @@ ENTRY_POINTS = {"ablate": ["--data", "x"], "tune": ["--data", "x"],
                 "train": ["--config", "x", "--data", "x"], "split": ["--data", "x"],
                 "bench": [], "predict": ["x"], "evaluate": ["--model-uri", "x", "--data", "x"],
                 "export": ["--model-uri", "x", "--out", "x"]}
+BASIC = str(ROOT / "ablations" / "stages" / "basic.yaml")
+MODEL = str(ROOT / "models" / "improved")
 # Flags whose value is more than a number, each with its own documented syntax.
 OWN_SYNTAX = {("predict", "--every")}
 
@@ -403,3 +405,86 @@ def test_a_search_file_with_any_value_anywhere_loads_or_is_one_line(path, value,
         load_space(p, "quick")
     except UsageError as e:
         assert "\n" not in str(e) and str(e).startswith(str(p)), str(e)
+
+
+# --------------------------------------------------------------------------- other flags
+
+# A path flag of an entry point, with the other arguments that let that flag be the one that
+# fails: the test's generated file (DATA) stands in for a valid data file.
+PATH_FLAGS = [("split", ["--data", "{}"]), ("train", ["--config", BASIC, "--data", "{}"]),
+              ("train", ["--config", "{}.yaml", "--data", "DATA"]),
+              ("evaluate", ["--model-uri", MODEL, "--data", "{}"]),
+              ("ablate", ["--data", "{}"]), ("ablate", ["--study", "{}", "--data", "DATA"]),
+              ("tune", ["--data", "{}"]), ("tune", ["--space", "{}", "--data", "DATA"])]
+
+
+def _run_main(entry: str, argv: list[str]) -> tuple[int, str]:
+    from pipeline.cli import run_main
+
+    main = importlib.import_module(f"pipeline.{entry}").main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_main(main, argv)
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry, args", PATH_FLAGS, ids=lambda v: v if isinstance(v, str) else
+                         " ".join(a for a in v if a.startswith("--")))
+def test_a_path_that_is_not_there_is_one_line_naming_it_and_creates_nothing(entry, args,
+                                                                           kaggle_csv, tmp_path):
+    @settings(max_examples=15, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0/"),
+                        min_size=1, max_size=20).filter(
+        # A value starting with "-" reads as a flag, as argparse documents.
+        lambda t: not Path(t).exists() and t not in (".", "..") and not t.startswith("-")))
+    def check(name):
+        before = _tree(tmp_path)
+        argv = [str(kaggle_csv) if a == "DATA" else a.format(name) for a in args]
+        code, err = _run_main(entry, argv)
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1, err
+        # A name with a newline or a control character is shown escaped, so the line stays one.
+        shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                        for c in name)
+        assert lines[0].startswith("error: ") and shown in lines[0], lines[0]
+        assert _tree(tmp_path) == before  # no store, cache, checkpoint or run created
+
+    check()
+
+
+@pytest.mark.slow
+def test_every_choice_flag_refuses_any_other_word_in_one_line():
+    flags = [(e, a) for e in ENTRY_POINTS for a in parser_of(e)._actions if a.choices]
+    assert len(flags) >= 3  # --profile of both studies, --log-models
+
+    @settings(max_examples=20, deadline=None)
+    @given(i=st.integers(0, len(flags) - 1), word=st.text(min_size=1, max_size=12))
+    def check(i, word):
+        entry, action = flags[i]
+        if word in action.choices or word.startswith("-"):
+            return
+        ns, err = parse_cli(entry, f"{action.option_strings[-1]}={word}")
+        assert ns is None and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: argument {action.option_strings[-1]}: invalid choice")
+
+    check()
+
+
+@pytest.mark.parametrize("name", ["faces\n.csv", "faces\r.csv", "faces\x1c.csv", "faces\u2028.csv"])
+def test_a_file_name_with_a_line_break_is_named_escaped_on_one_line(name, tmp_path):
+    """Found by the generated paths above: the error printed the name as it was, and a newline
+    (or a character `splitlines` breaks at) in it made the one line two."""
+    before = _tree(tmp_path)
+    code, err = _run_main("split", ["--data", name])
+    assert code == 2 and err.count("\n") == 1 and len(err.splitlines()) == 1, repr(err)
+    assert name.encode("unicode_escape").decode() in err
+    assert _tree(tmp_path) == before

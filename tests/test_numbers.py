@@ -488,3 +488,59 @@ def test_a_file_name_with_a_line_break_is_named_escaped_on_one_line(name, tmp_pa
     assert code == 2 and err.count("\n") == 1 and len(err.splitlines()) == 1, repr(err)
     assert name.encode("unicode_escape").decode() in err
     assert _tree(tmp_path) == before
+
+
+# What the generated files above found, kept as plain cases: each was a TypeError or
+# AttributeError traceback, or a line that did not name the file.
+@pytest.mark.parametrize("key, value, needle", [
+    ("ladder", [None], "ladder: expected a list of stage names or config YAML paths, got nothing"),
+    ("ladder", [[]], "ladder: expected a list of stage names or config YAML paths, got []"),
+    ("ladder", [], "ladder: expected a list of stage names or config YAML paths, got []"),
+    ("reference", "", "unknown stage ''"),
+])
+def test_a_study_file_s_stages_that_are_not_names_are_one_line_naming_the_file(key, value,
+                                                                              needle, tmp_path):
+    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
+    d[key] = value
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(UsageError) as e:
+        load_study(p, "quick")
+    assert str(e.value).startswith(f"{p}: ") and needle in str(e.value)
+
+
+@pytest.mark.parametrize("base, needle", [(None, None), (3, "base: expected a stage name or a "
+                                                           "config YAML path, got 3"),
+                                          ("vgg", "base: unknown stage 'vgg'")])
+def test_a_search_file_s_base_is_a_stage_or_one_line_naming_the_file(base, needle, tmp_path):
+    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
+    d["base"] = base
+    p = tmp_path / "tune.yaml"
+    p.write_text(yaml.safe_dump(d))
+    if needle is None:  # not given: the improved stage
+        assert load_space(p, "quick").base_path.name == "improved.yaml"
+        return
+    with pytest.raises(UsageError) as e:
+        load_space(p, "quick")
+    assert str(e.value).startswith(f"{p}: ") and needle in str(e.value)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.dictionaries(
+    st.sampled_from([*Config().to_dict(), "epoch", "Epochs", "lr ", ""]),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) |
+    st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(),
+                                                          max_size=2), max_size=4))
+def test_a_stage_yaml_with_any_keys_and_values_builds_or_is_one_line_naming_it(values, tmp_path):
+    p = tmp_path / "stage.yaml"
+    p.write_text(yaml.safe_dump(values))
+    try:
+        cfg = build(p)
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e).startswith((f"{p}: ", "config: ")), str(e)
+    else:
+        for k, v in values.items():
+            if v is not None and not (isinstance(v, str) and not v.strip()):
+                assert k in Config().to_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -65,9 +66,21 @@ def write_folder(root: Path, images, labels, usage) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created and migrated once: a copy costs 0.06 s where a
+    fresh store costs 1.5 s, for every test of the suite."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def isolated(tmp_path, monkeypatch, store_template):
     """Every test gets its own working directory, MLflow store, parse cache and checkpoints."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,19 +1,16 @@
 """Figures logged as artifacts. Every function returns a matplotlib Figure of its own, made without
 pyplot, whose figure registry is not thread-safe: runs training side by side in one process draw
-their figures at the same time."""
+their figures at the same time. Nothing here chooses matplotlib's backend (a Figure saves to PNG
+through Agg whatever it is), so importing the pipeline in a notebook leaves the notebook's own."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .config import EMOTIONS  # noqa: E402
+from .config import EMOTIONS
 
 
 def _subplots(*grid: int, figsize: tuple[float, float], **kw: Any):
@@ -166,5 +163,9 @@ def emotions_over_time(times: np.ndarray, probs: np.ndarray, faces: np.ndarray, 
 
 
 def close(fig: Any) -> None:
-    """Free a figure once it is saved or logged (pyplot keeps every open one)."""
-    plt.close(fig)
+    """Free a figure once it is saved or logged: pyplot keeps every one it made (Optuna's plots
+    come from pyplot); a Figure of our own is freed with its last reference."""
+    if getattr(getattr(fig, "canvas", None), "manager", None) is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -23,7 +23,6 @@ import mlflow
 import optuna
 import torch
 from optuna.trial import TrialState
-from optuna.visualization import matplotlib as ovm
 
 from . import data as fer
 from . import plots, stats, tracking
@@ -380,6 +379,9 @@ def summary_note(s: SearchSummary, space: Space) -> str:
 
 def search_figures(st: optuna.Study) -> dict[str, Any]:
     figs = {}
+    # Imported here: it imports pyplot, which settles matplotlib's backend for the process.
+    from optuna.visualization import matplotlib as ovm
+
     for name, fn in (("optimization_history.png", ovm.plot_optimization_history),
                      ("param_importances.png", ovm.plot_param_importances)):
         try:

@@ -52,8 +52,8 @@ from .models import FerClassifier, build_model
 
 # The modules a model folder carries: this one and its imports, and nothing they do not need
 # (a test loads a folder with only these on the path).
-SERVED_MODULES = ("__init__.py", "errors.py", "config.py", "augment.py", "models.py",
-                  "faces.py", "serving.py")
+SERVED_MODULES = ("__init__.py", "errors.py", "numbers.py", "config.py", "augment.py",
+                  "models.py", "faces.py", "serving.py")
 
 WEIGHTS, CONFIG = "weights.pt", "config.yaml"
 ACCEPTED = "raw grey pixels 0..255 shaped (N, 48, 48), (N, 1, 48, 48) or (N, 2304)"

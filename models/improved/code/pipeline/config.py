@@ -6,7 +6,6 @@ Unknown keys, wrong types and values outside a key's choices are errors that lis
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .numbers import SEED, Range, check, shown
 
 # FER2013's label order: label k is EMOTIONS[k].
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -89,25 +89,26 @@ class Config:
 _CHOICES = {"stage": STAGES, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
             "normalize": NORMALIZE, "precision": PRECISIONS}
 # The values each numeric key may take, as torch and numpy accept them, so a bad value is one
-# line here and not a traceback from an optimiser's constructor: (low, high, low_open,
-# high_open), None for no bound. Every float must also be finite.
-_RANGES = {"epochs": (1, None, False, False), "batch_size": (1, None, False, False),
-           "eval_batch_size": (0, None, False, False), "lr": (0, None, True, False),
-           "width": (0, None, True, False), "data_fraction": (0, 1, True, False),
-           "val_fraction": (0, 1, False, False), "conv_dropout": (0, 1, False, False),
-           "fc_dropout": (0, 1, False, False), "label_smoothing": (0, 1, False, False),
-           "grad_clip": (0, None, False, False), "early_stopping": (0, None, False, False),
-           "plateau_factor": (0, 1, True, True), "plateau_patience": (0, None, False, False),
-           "step_size": (1, None, False, False), "onecycle_pct_start": (0, 1, True, True),
-           "cosine_floor": (0, 1, False, False), "momentum": (0, 1, False, True),
-           "weight_decay": (0, None, False, False), "min_lr": (0, None, False, False),
-           "onecycle_max_lr": (0, None, True, False), "step_gamma": (0, None, True, False),
-           "split_seed": (0, 2**32 - 1, False, False), "seed": (0, 2**32 - 1, False, False),
-           "rotation": (0, 180, False, False), "translate": (0, 1, False, False),
-           "scale_min": (0, None, True, False), "scale_max": (0, None, True, False),
-           "brightness": (0, 1, False, False), "contrast": (0, 1, False, False),
-           "tta_rotation": (0, 180, False, False), "tta_translate": (0, 1, False, False),
-           "checkpoint_every_s": (0, None, False, False)}
+# line here and not a traceback from an optimiser's constructor. Read by pipeline.numbers, the one
+# rule for numbers on every surface (a whole number also ends at numbers.WHOLE_MAX).
+_W0, _W1 = Range(whole=True, low=0), Range(whole=True, low=1)
+_SHARE, _SHARE_OPEN = Range(low=0, high=1), Range(low=0, high=1, low_open=True)
+_ABOVE_0, _AT_LEAST_0 = Range(low=0, low_open=True), Range(low=0)
+_DEGREES = Range(low=0, high=180)
+RANGES: dict[str, Range] = {
+    "epochs": _W1, "batch_size": _W1, "eval_batch_size": _W0, "lr": _ABOVE_0,
+    "width": _ABOVE_0, "data_fraction": _SHARE_OPEN, "val_fraction": _SHARE,
+    "conv_dropout": _SHARE, "fc_dropout": _SHARE, "label_smoothing": _SHARE,
+    "grad_clip": _AT_LEAST_0, "early_stopping": _W0,
+    "plateau_factor": Range(low=0, high=1, low_open=True, high_open=True),
+    "plateau_patience": _W0, "step_size": _W1,
+    "onecycle_pct_start": Range(low=0, high=1, low_open=True, high_open=True),
+    "cosine_floor": _SHARE, "momentum": Range(low=0, high=1, high_open=True),
+    "weight_decay": _AT_LEAST_0, "min_lr": _AT_LEAST_0, "onecycle_max_lr": _ABOVE_0,
+    "step_gamma": _ABOVE_0, "split_seed": SEED, "seed": SEED,
+    "rotation": _DEGREES, "translate": _SHARE, "scale_min": _ABOVE_0, "scale_max": _ABOVE_0,
+    "brightness": _SHARE, "contrast": _SHARE, "tta_rotation": _DEGREES, "tta_translate": _SHARE,
+    "checkpoint_every_s": _AT_LEAST_0}
 _TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -116,38 +117,22 @@ def _hint(name: str) -> type:
 
 
 def coerce(key: str, value: Any, source: str = "config") -> Any:
-    """Check one key and value against the dataclass, converting ints to floats where due."""
+    """Check one key and value against the dataclass; ``None`` (no value: the default applies)
+    for a value not given. Numbers follow pipeline.numbers, as on every other surface."""
     if key not in _TYPES:
         valid = ", ".join(sorted(_TYPES))
         raise ConfigError(f"{source}: unknown key {key!r}. Valid keys: {valid}.")
     want = _hint(key)
-    if want is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-4` (no dot) as a string; any Python float literal is meant.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = (isinstance(value, bool) if want is bool
-          else isinstance(value, int) and not isinstance(value, bool) if want is int
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
-          else isinstance(value, str))
-    if not ok:
-        raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}; expected "
-                          f"{want.__name__}.")
-    if want is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{source}: {key}={value!r} is not a finite number.")
+    if key in RANGES:
+        return check(value, RANGES[key], f"{source}: {key}", ConfigError)
+    if value is None or value == "":
+        return None
+    if not (isinstance(value, bool) if want is bool else isinstance(value, str)):
+        raise ConfigError(f"{source}: {key}: expected {'true or false' if want is bool else 'text'}"
+                          f", got {shown(value)}.")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{source}: {key}={value!r} is not valid; choose one of "
                           f"{', '.join(_CHOICES[key])}.")
-    if key in _RANGES:
-        lo, hi, lo_open, hi_open = _RANGES[key]
-        if (value <= lo if lo_open else value < lo) or \
-                (hi is not None and (value >= hi if hi_open else value > hi)):
-            rng = (f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
-                   f"{')' if hi_open or hi is None else ']'}")
-            raise ConfigError(f"{source}: {key}={value!r} is out of range; expected {rng}.")
     return value
 
 
@@ -158,7 +143,7 @@ def served_val_metric(tta: bool) -> str:
 
 
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    values = {k: coerce(k, v, source) for k, v in d.items()}
+    values = _given({k: coerce(k, v, source) for k, v in d.items()})
     # An interval over seeds then covers which faces landed in val as well as initialisation;
     # paired arms of one seed share the split. Resolved here, so params show the split used.
     values.setdefault("split_seed", values.get("seed", 0))
@@ -219,10 +204,14 @@ def build(config: str | Path | None = None, overrides: dict[str, Any] | None = N
     """Defaults, then the YAML file, then overrides; each layer is checked as it is applied."""
     d: dict[str, Any] = {}
     if config is not None:
-        d.update({k: coerce(k, v, str(config)) for k, v in load_yaml(config).items()})
-    for k, v in (overrides or {}).items():
-        d[k] = coerce(k, v, "--set")
+        d.update(_given({k: coerce(k, v, str(config)) for k, v in load_yaml(config).items()}))
+    d.update(_given({k: coerce(k, v, "--set") for k, v in (overrides or {}).items()}))
     return from_dict(d)
+
+
+def _given(d: dict[str, Any]) -> dict[str, Any]:
+    """The keys given a value; a key written without one keeps the layer below."""
+    return {k: v for k, v in d.items() if v is not None}
 
 
 STAGE_DIR = Path(__file__).resolve().parent.parent / "ablations" / "stages"

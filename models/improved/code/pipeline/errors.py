@@ -35,3 +35,10 @@ class InputError(MlflowException, ValueError):
 # What an entry point reports in one line (exit 2) instead of a traceback.
 EXPECTED = (DataError, ConfigError, UsageError, TrainingError, InputError, ConnectionError,
             FileNotFoundError)
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line a terminal shows as one: a character that is not printable (a
+    newline or a control character in a file name, say) is shown as its Python escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in message)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 from . import numbers
@@ -59,8 +60,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _prog() -> str | None:
+    """``python -m pipeline.ablate`` for an entry point started so (argparse would say
+    ``ablate.py``, a command that does not run); argparse's own choice otherwise."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.suffix == ".py" and script.parent.name == "pipeline":
+        return f"python -m pipeline.{script.stem}"
+    return None
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=_prog(), description=description,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment name (ignored under `mlflow run`, which chose one); "
                         "default fer2013")

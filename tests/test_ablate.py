@@ -606,7 +606,7 @@ def test_seeds_on_the_command_line_must_be_1_or_more(kaggle_csv, tmp_path, value
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: argument --seeds: expected a whole number from 1 to 2147483647, got {value!r} "
-        f"(see ablate.py --help)"]
+        f"(see python -m pipeline.ablate --help)"]
     assert not (tmp_path / "s").exists()
 
 

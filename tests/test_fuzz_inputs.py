@@ -319,7 +319,7 @@ def test_any_photo_is_read_or_refused_by_name_in_predict_and_in_a_served_request
     else:
         assert not refused
         assert list(out.columns) == ["image", "x", "y", "w", "h", *EMOTIONS, "label"]
-        assert np.allclose(out[list(EMOTIONS)].sum(1), 1, atol=1e-4)
+        assert np.allclose(out[list(EMOTIONS)].sum(axis=1), 1, atol=1e-4)
         im = Image.open(io.BytesIO(blob))
         assert ((out["x"] >= 0) & (out["y"] >= 0)).all()
         assert ((out["x"] + out["w"] <= max(im.size)) & (out["y"] + out["h"] <= max(im.size))).all()

@@ -72,7 +72,8 @@ class World:
     def start(self, module: str, *args, **kw) -> "Running":
         return Running(subprocess.Popen([PY, "-m", module, *map(str, args)], cwd=self.root,
                                         env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, **kw))
+                                        stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=_as_from_a_terminal, **kw))
 
     def client(self, uri: str | None = None):
         import mlflow
@@ -86,6 +87,13 @@ class World:
 
     def epochs_logged(self, run_id: str, uri: str | None = None) -> list[int]:
         return sorted(m.step for m in self.client(uri).get_metric_history(run_id, "val/acc"))
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default meaning, as a command typed at a terminal has it: a probe started in
+    the background by a non-interactive shell ignores SIGINT, and its children would inherit
+    that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Running:

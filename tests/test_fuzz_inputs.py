@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -28,8 +28,6 @@ from tests.conftest import ROOT, csv_text, make_faces
 
 pytestmark = pytest.mark.slow
 
-FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                  HealthCheck.too_slow])
 IMAGES, LABELS, USAGE = make_faces({"Training": 1, "PublicTest": 1}, seed=3)  # 14 rows
 VALID = csv_text(IMAGES, LABELS, USAGE).encode()
 
@@ -77,7 +75,7 @@ def spellings(draw):
     return raw, draw(st.booleans())
 
 
-@settings(max_examples=25, **FUZZ)
+@settings(max_examples=25)
 @given(spelling=spellings())
 def test_every_documented_spelling_of_the_rows_loads_the_same_arrays(spelling, tmp_path):
     raw, zipped = spelling
@@ -106,7 +104,7 @@ def _set(pixels: str, k: int, value: str) -> str:
     return " ".join(v)
 
 
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=40)
 @given(row=st.integers(0, len(LABELS) - 1), pos=st.integers(0, 2303),
        how=st.sampled_from([*BREAKS, "label", "usage", "field added", "field dropped"]),
        label=st.sampled_from(["7", "-1", "x", "", "3.0", "1e0", " 8"]),
@@ -134,7 +132,7 @@ def test_a_broken_row_is_refused_by_its_line_and_nothing_is_cached(row, pos, how
     assert f"{p}: line {row + 2}: " in err and needle in err, (how, err)
 
 
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=40)
 @example(cut=len(gzip.compress(VALID)) - 3, zipped=True)
 @example(cut=VALID.index(b"\n") + 1, zipped=False)
 @given(cut=st.integers(0, len(VALID)), zipped=st.booleans())
@@ -158,7 +156,7 @@ def test_a_truncated_file_loads_its_whole_rows_or_names_where_it_broke(cut, zipp
         assert "corrupt or truncated gzip data" in err or "header" in err or "empty" in err
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60)
 @given(flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)),
                       min_size=1, max_size=4),
        encoding=st.sampled_from(["utf-8", "utf-16", "latin-1", "cp1252"]))
@@ -236,7 +234,7 @@ def _boxes(blob: bytes) -> list:
     return faces.detect(faces.grey(faces.open_image(blob, "photo"))).tolist()
 
 
-@settings(max_examples=30, **FUZZ)
+@settings(max_examples=30)
 @given(mode=st.sampled_from(MODES), orientation=st.integers(1, 8))
 def test_a_photo_in_any_mode_and_orientation_finds_the_faces_of_its_8_bit_upright_copy(
         mode, orientation, portrait):
@@ -287,7 +285,7 @@ def _bomb(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60)
 @example(photo=(_bomb(60000, 60000), False))
 @example(photo=(_bomb(1, 1), False))
 @given(photo=any_photo())
@@ -333,7 +331,7 @@ NUMERIC = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "floa
            "float64"]
 
 
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=40)
 @given(n=st.integers(1, 5), shape=st.sampled_from(list(SHAPES)), dtype=st.sampled_from(NUMERIC),
        seed=st.integers(0, 2**16), as_list=st.booleans())
 def test_raw_pixels_of_every_numeric_dtype_and_accepted_shape_answer_as_uint8_does(
@@ -378,7 +376,7 @@ def refused_pixels(draw):
     return np.zeros((n, 48, 48)).astype(dtype), "got values of type"
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=60)
 @given(case=refused_pixels())
 def test_raw_pixels_the_model_cannot_read_are_refused_with_the_reason(case, shipped):
     x, needle = case

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import numbers
@@ -237,9 +237,7 @@ def test_a_flag_given_empty_keeps_its_default():
 
 # --------------------------------------------------------------------------- generated values
 
-FUZZ = settings(max_examples=40, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(max_examples=40)
 
 
 def _bounds(rng: Range) -> tuple[float | None, float | None]:
@@ -352,8 +350,7 @@ def test_every_numeric_config_key_reads_alike_in_yaml_and_in_set(key, tmp_path):
 @pytest.mark.slow
 @example(section="profiles", value={"quick": {"seeds": None, "set": []}})
 @example(section="toggles", value={"tta": {"with": {"epochs": [1]}, "without": {}}})
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150)
 @given(section=st.sampled_from(["reference", "base", "ladder", "seeds", "reported", "toggles",
                                 "profiles", "extra"]),
        value=st.recursive(st.none() | st.booleans() | st.integers() |
@@ -380,8 +377,7 @@ def test_a_study_file_with_any_value_under_any_key_loads_or_is_one_line(section,
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150)
 @given(path=st.sampled_from([("sampler",), ("pruner",), ("space", "lr"), ("space", "lr", "low"),
                              ("space", "step_size"), ("profiles", "quick", "set"),
                              ("profiles", "quick", "retrain"), ("base",), ("space",),
@@ -440,8 +436,7 @@ def _tree(root: Path) -> set[str]:
                          " ".join(a for a in v if a.startswith("--")))
 def test_a_path_that_is_not_there_is_one_line_naming_it_and_creates_nothing(entry, args,
                                                                            kaggle_csv, tmp_path):
-    @settings(max_examples=15, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=15)
     @given(name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0/"),
                         min_size=1, max_size=20).filter(
         # A value starting with "-" reads as a flag, as argparse documents.
@@ -466,7 +461,7 @@ def test_every_choice_flag_refuses_any_other_word_in_one_line():
     flags = [(e, a) for e in ENTRY_POINTS for a in parser_of(e)._actions if a.choices]
     assert len(flags) >= 3  # --profile of both studies, --log-models
 
-    @settings(max_examples=20, deadline=None)
+    @settings(max_examples=20)
     @given(i=st.integers(0, len(flags) - 1), word=st.text(min_size=1, max_size=12))
     def check(i, word):
         entry, action = flags[i]
@@ -526,8 +521,7 @@ def test_a_search_file_s_base_is_a_stage_or_one_line_naming_the_file(base, needl
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150)
 @given(values=st.dictionaries(
     st.sampled_from([*Config().to_dict(), "epoch", "Epochs", "lr ", ""]),
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) |

@@ -538,3 +538,47 @@ def test_a_stage_yaml_with_any_keys_and_values_builds_or_is_one_line_naming_it(v
         for k, v in values.items():
             if v is not None and not (isinstance(v, str) and not v.strip()):
                 assert k in Config().to_dict()
+
+
+@pytest.mark.parametrize("entry, args", [("split", []), ("train", ["--config", BASIC]),
+                                         ("evaluate", ["--model-uri", MODEL]), ("ablate", []),
+                                         ("tune", [])])
+def test_data_that_is_not_there_is_refused_before_any_store_is_created(entry, args, tmp_path,
+                                                                      monkeypatch):
+    """Found by the generated paths: each of these created the tracking store (mlflow.db)
+    before it said the data was not there."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}")
+    (tmp_path / "fresh").mkdir()
+    code, err = _run_main(entry, [*args, "--data", "missing.csv"])
+    assert code == 2 and err.startswith("error: missing.csv: no such file or folder"), err
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+
+@pytest.mark.parametrize("section, spec, needle", [
+    ("sampler", {"name": "tpe", "seed": "three"},
+     "sampler tpe: seed: expected a whole number from 0 to 4294967295, got 'three'."),
+    ("sampler", {"name": "tpe", "n_trials": 5}, "sampler tpe: unknown key 'n_trials'; valid keys:"),
+    ("pruner", {"name": "median", "n_warmup_steps": -1},
+     "pruner median: n_warmup_steps: expected a whole number from 0 to 2147483647, got -1."),
+    ("pruner", {"name": "hyperband", "reduction_factor": 1},
+     "pruner hyperband: reduction_factor: expected a whole number from 2 to 2147483647, got 1."),
+    ("pruner", [1], "pruner: expected a mapping such as {name: median}, got [1]."),
+])
+def test_sampler_and_pruner_arguments_are_read_by_their_ranges(section, spec, needle, tmp_path):
+    """Found writing the search-file fuzz: these reached Optuna's constructors as tracebacks."""
+    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
+    d[section] = spec
+    p = tmp_path / "tune.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(UsageError) as e:
+        load_space(p, "quick")
+    assert str(e.value) == f"{p}: {needle}" or str(e.value).startswith(f"{p}: {needle}")
+
+
+def test_a_search_range_written_as_yaml_text_is_the_number_it_reads(tmp_path):
+    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
+    d["space"]["lr"] = {"type": "float", "low": "1e-4", "high": "3e-3", "log": True}
+    p = tmp_path / "tune.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert load_space(p, "quick").space["lr"] == {"type": "float", "low": 1e-4, "high": 3e-3,
+                                                  "log": True}

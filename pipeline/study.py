@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import tracking
 from .cli import Number, whole  # noqa: F401 (the studies take it from here with their other arguments)
 from .numbers import WHOLE_1
-from .config import coerce, load_yaml
+from .config import coerce, given, load_yaml
 from .errors import EXPECTED, ConfigError, UsageError
 from .stores import TrackingLost, first_use_lock, owner_alive, owner_tag
 
@@ -145,10 +145,9 @@ def check_budget(budget: dict[str, Any], where: str) -> dict[str, Any]:
     """Config keys of a budget, each checked and read as the config reads it; a key written
     without a value is left out (not given)."""
     try:
-        out = {k: coerce(k, v, where) for k, v in budget.items()}
+        return given({k: coerce(k, v, where) for k, v in budget.items()})
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    return {k: v for k, v in out.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- storage

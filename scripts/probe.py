@@ -520,7 +520,7 @@ def main(argv: list[str]) -> int:
             ROWS[name](World(root))
             verdict = "OK    "
         except NotOk as e:
-            verdict, bad = f"NOT OK", bad + 1
+            verdict, bad = "NOT OK", bad + 1
             name = f"{name}: {e}"
         except Exception:  # the probe's own failure is a row not shown to work
             verdict, bad = "NOT OK", bad + 1

@@ -9,12 +9,9 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st

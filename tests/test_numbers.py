@@ -146,6 +146,15 @@ def test_every_typed_flag_of_every_entry_point_reads_by_the_one_rule():
                 assert (entry, a.option_strings[-1]) in OWN_SYNTAX, (entry, a.option_strings)
 
 
+def _file_with(name: str, tmp_path: Path, **changes) -> Path:
+    """ablations/<name> with its top-level keys ``changes`` set, written under tmp_path."""
+    d = yaml.safe_load((ROOT / "ablations" / name).read_text())
+    d.update(changes)
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
 # --------------------------------------------------------------------------- every surface
 
 
@@ -364,10 +373,7 @@ def test_a_study_file_with_any_value_under_any_key_loads_or_is_one_line(section,
                                                                          tmp_path):
     """Values of every type under every top-level key of the study file (and an extra key):
     the study loads, or one UsageError line names the file, never another exception."""
-    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
-    d[section] = value
-    p = tmp_path / "study.yaml"
-    p.write_text(yaml.safe_dump(d))
+    p = _file_with("study.yaml", tmp_path, **{section: value})
     try:
         plan = load_study(p, "quick")
     except UsageError as e:
@@ -495,10 +501,7 @@ def test_a_file_name_with_a_line_break_is_named_escaped_on_one_line(name, tmp_pa
 ])
 def test_a_study_file_s_stages_that_are_not_names_are_one_line_naming_the_file(key, value,
                                                                               needle, tmp_path):
-    d = yaml.safe_load((ROOT / "ablations/study.yaml").read_text())
-    d[key] = value
-    p = tmp_path / "study.yaml"
-    p.write_text(yaml.safe_dump(d))
+    p = _file_with("study.yaml", tmp_path, **{key: value})
     with pytest.raises(UsageError) as e:
         load_study(p, "quick")
     assert str(e.value).startswith(f"{p}: ") and needle in str(e.value)
@@ -508,10 +511,7 @@ def test_a_study_file_s_stages_that_are_not_names_are_one_line_naming_the_file(k
                                                            "config YAML path, got 3"),
                                           ("vgg", "base: unknown stage 'vgg'")])
 def test_a_search_file_s_base_is_a_stage_or_one_line_naming_the_file(base, needle, tmp_path):
-    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
-    d["base"] = base
-    p = tmp_path / "tune.yaml"
-    p.write_text(yaml.safe_dump(d))
+    p = _file_with("tune.yaml", tmp_path, base=base)
     if needle is None:  # not given: the improved stage
         assert load_space(p, "quick").base_path.name == "improved.yaml"
         return
@@ -531,7 +531,7 @@ def test_a_stage_yaml_with_any_keys_and_values_builds_or_is_one_line_naming_it(v
     p = tmp_path / "stage.yaml"
     p.write_text(yaml.safe_dump(values))
     try:
-        cfg = build(p)
+        build(p)
     except ConfigError as e:
         assert "\n" not in str(e) and str(e).startswith((f"{p}: ", "config: ")), str(e)
     else:
@@ -566,13 +566,10 @@ def test_data_that_is_not_there_is_refused_before_any_store_is_created(entry, ar
 ])
 def test_sampler_and_pruner_arguments_are_read_by_their_ranges(section, spec, needle, tmp_path):
     """Found writing the search-file fuzz: these reached Optuna's constructors as tracebacks."""
-    d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
-    d[section] = spec
-    p = tmp_path / "tune.yaml"
-    p.write_text(yaml.safe_dump(d))
+    p = _file_with("tune.yaml", tmp_path, **{section: spec})
     with pytest.raises(UsageError) as e:
         load_space(p, "quick")
-    assert str(e.value) == f"{p}: {needle}" or str(e.value).startswith(f"{p}: {needle}")
+    assert str(e.value).startswith(f"{p}: {needle}")
 
 
 def test_a_search_range_written_as_yaml_text_is_the_number_it_reads(tmp_path):

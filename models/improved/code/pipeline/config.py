@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .numbers import SEED, Range, check, shown
+from .numbers import POSITIVE, SEED, WHOLE_0, WHOLE_1, Range, check, shown
 
 # FER2013's label order: label k is EMOTIONS[k].
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -91,22 +91,20 @@ _CHOICES = {"stage": STAGES, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
 # The values each numeric key may take, as torch and numpy accept them, so a bad value is one
 # line here and not a traceback from an optimiser's constructor. Read by pipeline.numbers, the one
 # rule for numbers on every surface (a whole number also ends at numbers.WHOLE_MAX).
-_W0, _W1 = Range(whole=True, low=0), Range(whole=True, low=1)
-_SHARE, _SHARE_OPEN = Range(low=0, high=1), Range(low=0, high=1, low_open=True)
-_ABOVE_0, _AT_LEAST_0 = Range(low=0, low_open=True), Range(low=0)
+_SHARE, _AT_LEAST_0 = Range(low=0, high=1), Range(low=0)
 _DEGREES = Range(low=0, high=180)
 RANGES: dict[str, Range] = {
-    "epochs": _W1, "batch_size": _W1, "eval_batch_size": _W0, "lr": _ABOVE_0,
-    "width": _ABOVE_0, "data_fraction": _SHARE_OPEN, "val_fraction": _SHARE,
-    "conv_dropout": _SHARE, "fc_dropout": _SHARE, "label_smoothing": _SHARE,
-    "grad_clip": _AT_LEAST_0, "early_stopping": _W0,
+    "epochs": WHOLE_1, "batch_size": WHOLE_1, "eval_batch_size": WHOLE_0, "lr": POSITIVE,
+    "width": POSITIVE, "data_fraction": Range(low=0, high=1, low_open=True),
+    "val_fraction": _SHARE, "conv_dropout": _SHARE, "fc_dropout": _SHARE, "label_smoothing": _SHARE,
+    "grad_clip": _AT_LEAST_0, "early_stopping": WHOLE_0,
     "plateau_factor": Range(low=0, high=1, low_open=True, high_open=True),
-    "plateau_patience": _W0, "step_size": _W1,
+    "plateau_patience": WHOLE_0, "step_size": WHOLE_1,
     "onecycle_pct_start": Range(low=0, high=1, low_open=True, high_open=True),
     "cosine_floor": _SHARE, "momentum": Range(low=0, high=1, high_open=True),
-    "weight_decay": _AT_LEAST_0, "min_lr": _AT_LEAST_0, "onecycle_max_lr": _ABOVE_0,
-    "step_gamma": _ABOVE_0, "split_seed": SEED, "seed": SEED,
-    "rotation": _DEGREES, "translate": _SHARE, "scale_min": _ABOVE_0, "scale_max": _ABOVE_0,
+    "weight_decay": _AT_LEAST_0, "min_lr": _AT_LEAST_0, "onecycle_max_lr": POSITIVE,
+    "step_gamma": POSITIVE, "split_seed": SEED, "seed": SEED,
+    "rotation": _DEGREES, "translate": _SHARE, "scale_min": POSITIVE, "scale_max": POSITIVE,
     "brightness": _SHARE, "contrast": _SHARE, "tta_rotation": _DEGREES, "tta_translate": _SHARE,
     "checkpoint_every_s": _AT_LEAST_0}
 _TYPES = {f.name: f.type for f in fields(Config)}
@@ -143,7 +141,7 @@ def served_val_metric(tta: bool) -> str:
 
 
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    values = _given({k: coerce(k, v, source) for k, v in d.items()})
+    values = given({k: coerce(k, v, source) for k, v in d.items()})
     # An interval over seeds then covers which faces landed in val as well as initialisation;
     # paired arms of one seed share the split. Resolved here, so params show the split used.
     values.setdefault("split_seed", values.get("seed", 0))
@@ -204,12 +202,12 @@ def build(config: str | Path | None = None, overrides: dict[str, Any] | None = N
     """Defaults, then the YAML file, then overrides; each layer is checked as it is applied."""
     d: dict[str, Any] = {}
     if config is not None:
-        d.update(_given({k: coerce(k, v, str(config)) for k, v in load_yaml(config).items()}))
-    d.update(_given({k: coerce(k, v, "--set") for k, v in (overrides or {}).items()}))
+        d.update(given({k: coerce(k, v, str(config)) for k, v in load_yaml(config).items()}))
+    d.update(given({k: coerce(k, v, "--set") for k, v in (overrides or {}).items()}))
     return from_dict(d)
 
 
-def _given(d: dict[str, Any]) -> dict[str, Any]:
+def given(d: dict[str, Any]) -> dict[str, Any]:
     """The keys given a value; a key written without one keeps the layer below."""
     return {k: v for k, v in d.items() if v is not None}
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,20 +31,20 @@ import torch
 from optuna.trial import TrialState
 
 from . import data as fer
-from . import findings, plots, tracking
+from . import findings, plots, sizing, tracking
 from . import study as lifecycle
 from .cli import Number, parser, run_main
 from .config import RANGES, STAGES, TOGGLES, Config, build, config_path
 from .errors import ConfigError, UsageError
 from .augment import tta_thetas
-from .engine import Runtime, Slot, measure_rates
+from .engine import Rates, Runtime, Slot, measure_rates
 from .models import supports_residual
 from . import numbers
 from .numbers import WHOLE_1, Range
 from .slots import Pool, best_k, measure_concurrent
 from .stores import first_use_lock
 from .study import StudyOptions, find_run, storage_of, trial_id
-from .train import RunResult, train
+from .train import RunResult, figures_seconds, predicted_work, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///ablate.db"
@@ -87,6 +87,16 @@ class StudyPlan:
     cells: list[Cell] = field(default_factory=list)
     # Cells left out because the toggle has nothing to act on in that stage, with the reason.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    bounds: sizing.Bounds | None = None  # the profile's sizing: how far --budget may resize it
+    sized: sizing.Sizing | None = None  # the size --budget chose on this machine
+    sizing_base: str | None = None  # the fingerprint of the study before it was sized
+
+    def resize(self, data_fraction: float, epochs: int) -> StudyPlan:
+        """The same study at another size: every cell's share of its train split and epochs."""
+        keys = {"data_fraction": data_fraction, "epochs": epochs}
+        return replace(self, budget={**self.budget, **keys}, cells=list(self.cells),
+                       stage_budget={st: {k: v for k, v in kv.items() if k not in keys}
+                                     for st, kv in self.stage_budget.items()})
 
     def config(self, cell: Cell, seed: int) -> Config:
         return build(config_path(cell.stage), {**cell.overrides, **self.budget,
@@ -147,7 +157,10 @@ def load_study(path: str | Path, profile: str, seeds: int | None = None,
                   profile=profile, budget={**(prof.get("set") or {}), **(budget or {})},
                   log_models="all" if prof.get("log_models", False) else "none",
                   extra=list(prof.get("extra_cells") or []),
-                  stage_budget=_stage_budget(prof, budget or {}, f"{p} profile {profile}"))
+                  stage_budget=_stage_budget(prof, budget or {}, f"{p} profile {profile}"),
+                  bounds=sizing.read_bounds(prof["sizing"], f"{p} profile {profile}",
+                                            prof.get("set") or {})
+                  if prof.get("sizing") is not None else None)
     numbers.check(s.seeds, WHOLE_1, "seeds", UsageError)  # a study of no seeds has no answer
     try:
         s.cells = _cells(s)
@@ -293,6 +306,8 @@ def fingerprint(s: StudyPlan) -> str:
     parts = [spec, s.seeds, sorted(s.budget.items()), PROTOCOL]
     if any(s.stage_budget.values()):
         parts.append(sorted((k, sorted(v.items())) for k, v in s.stage_budget.items() if v))
+    if s.sized:  # a size chosen for a budget is that machine's: another machine's is another study
+        parts.append(["sized", s.sized.minutes, s.sized.machine])
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
@@ -304,13 +319,16 @@ def set_up_queue(opened: lifecycle.Opened, s: StudyPlan, digest: str) -> None:
         # Prefixed: under `mlflow run` the parent already holds the entry point's own params.
         params={"study_profile": s.profile, "study_seeds": s.seeds,
                 "study_budget": s.reduced()[:500], "study_cells": len(s.cells),
-                "data_digest": digest},
+                "data_digest": digest, **(s.sized.params() if s.sized else {})},
         files={"study.yaml": s.path.read_text()}, adopt=opened.entry_run)
     for c in s.cells:
         for seed in range(s.seeds):
             st.enqueue_trial({}, user_attrs={"cell": c.name, "seed": seed})
     st.set_user_attr("fingerprint", fingerprint(s))
     st.set_user_attr("data_digest", digest)
+    if s.sized:  # a rerun on this machine takes this size again instead of measuring anew
+        st.set_user_attr("sizing", s.sized.as_attrs())
+        st.set_user_attr("sizing_base", s.sizing_base)
     st.set_user_attr("parent_run_id", parent)
 
 
@@ -336,39 +354,133 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
                                                      and cell.name == label(s.reference)))
 
 
-def estimate(s: StudyPlan, data: fer.FerData, keys: list[tuple[str, int]],
-             slots: int = 1, speedup: float = 1.0) -> lifecycle.Eta:
-    """Each unit's time on this machine: the images it trains on (the train split's share of
-    the Training rows, times data_fraction, times epochs) over its network's training rate,
-    plus the images it scores (validation after each epoch, with every TTA view where the
-    stage validates with TTA; then the clean train split, and val and test with TTA) over its
-    scoring rate. Both rates are measured here, for about a quarter of a second per distinct
-    network. With ``slots`` units at once, the whole goes ``speedup`` times faster."""
-    by_name = {c.name: c for c in s.cells}
-    n_rows = int((data.usage == "Training").sum())
-    n_test = int((data.usage == "PublicTest").sum())
-    rates: dict[tuple, tuple[float, float]] = {}
-    predicted = {}
-    for cell, seed in keys:
-        cfg = s.config(by_name[cell], seed)
+class Meter:
+    """Each of a study's networks measured once on this machine (about a quarter of a second
+    each), and a unit's predicted seconds from them: the images ``train.predicted_work`` says it
+    trains and scores, over the rates they go at here, plus the run's own fixed costs."""
+
+    def __init__(self, data: fer.FerData):
+        self.n_training = int((data.usage == "Training").sum())
+        self.n_test = int((data.usage == "PublicTest").sum())
+        self.rates: dict[tuple, Rates | None] = {}
+        self._fixed_s: float | None = None
+
+    @property
+    def fixed_s(self) -> float:
+        """A run's seconds outside its passes: its figures, drawn here once to time them, and
+        its MLflow run, split and checkpoints (measured at 0.1 to 0.2 s on a 2-core CPU)."""
+        if self._fixed_s is None:
+            self._fixed_s = figures_seconds(self.n_test, 3) + 0.15
+        return self._fixed_s
+
+    def rates_of(self, cfg: Config) -> Rates | None:
         net = (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment,
                cfg.precision, cfg.device)
-        if net not in rates:
+        if net not in self.rates:
             try:
-                rates[net] = measure_rates(cfg, seconds=0.25)
+                self.rates[net] = measure_rates(cfg, seconds=0.25)
             except lifecycle.UNIT_FAILURES:  # a cell that cannot train fails as its unit, fast
-                rates[net] = (math.nan, math.nan)
-        n_val = n_rows * cfg.val_fraction
-        n_train = (n_rows - n_val) * cfg.data_fraction
-        views = len(tta_thetas(cfg))
-        scored = (cfg.epochs * n_val * (views if cfg.tta else 1)
-                  + n_train + (n_val + n_test) * views)
-        train_rate, score_rate = rates[net]
-        predicted[(cell, seed)] = n_train * cfg.epochs / train_rate + scored / score_rate
+                self.rates[net] = None
+        return self.rates[net]
+
+    def seconds(self, cfg: Config) -> float:
+        r = self.rates_of(cfg)
+        if r is None:
+            return math.nan
+        w = predicted_work(cfg, self.n_training, self.n_test)
+        return (w.trained / r.train + w.validated / r.score + w.final / r.score_fp32
+                + self.fixed_s)
+
+
+def estimate(s: StudyPlan, meter: Meter, keys: list[tuple[str, int]],
+             slots: int = 1, speedup: float = 1.0) -> lifecycle.Eta:
+    """Each unit's predicted time on this machine (``Meter.seconds``). With ``slots`` units at
+    once, the whole goes ``speedup`` times faster."""
+    by_name = {c.name: c for c in s.cells}
+    predicted = {(cell, seed): meter.seconds(s.config(by_name[cell], seed)) for cell, seed in keys}
     known = [v for v in predicted.values() if math.isfinite(v)]
     typical = sum(known) / len(known) if known else 0.0
     return lifecycle.Eta({k: v if math.isfinite(v) else typical for k, v in predicted.items()},
                          slots=slots, speedup=speedup)
+
+
+def study_seconds(s: StudyPlan, meter: Meter) -> float:
+    """The whole study's predicted seconds on this machine, one unit at a time (a seed costs
+    what seed 0 does), with the estimate's prior allowance for what the prediction leaves out."""
+    per_seed = [meter.seconds(s.config(c, 0)) for c in s.cells]
+    known = [v for v in per_seed if math.isfinite(v)]
+    typical = sum(known) / len(known) if known else 0.0
+    return lifecycle.Eta.PRIOR * s.seeds * sum(v if math.isfinite(v) else typical
+                                               for v in per_seed)
+
+
+def _earlier_sizing(storage: str, minutes: float, base: str,
+                    name: str | None) -> list[tuple[str, sizing.Sizing]]:
+    """The sizings stored by studies of this plan (before sizing) and budget in ``storage``:
+    the named study's, else every one whose name this plan would give. Reads nothing where the
+    storage does not exist yet (a sqlite file not there)."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return []
+    found = []
+    for fs in optuna.storages.RDBStorage(storage).get_all_studies():
+        attrs = fs.user_attrs
+        if (fs.study_name == name if name else attrs.get("sizing_base") == base) and \
+                attrs.get("sizing") and attrs["sizing"]["minutes"] == minutes:
+            found.append((fs.study_name, sizing.Sizing.of_attrs(attrs["sizing"])))
+    return found
+
+
+def size_to_budget(o: AblateOptions, s: StudyPlan, meter: Meter) -> StudyPlan:
+    """``--budget``: the plan resized to fit the minutes given on this machine (said in a line),
+    or as it is where the budget does not apply."""
+    minutes = o.minutes
+    device = Runtime(s.config(s.cells[0], 0)).device
+    if minutes == "auto":
+        minutes = s.bounds.minutes if s.bounds and device.type == "cpu" else None
+        if minutes is not None and {"epochs", "data_fraction"} & set(o.budget):
+            print(f"budget: none; --epochs/--data-fraction size this study", flush=True)
+            return s
+    if minutes is None:
+        return s
+    if s.bounds is None:
+        raise UsageError(f"--budget {minutes:g}: profile {s.profile} of {s.path} is not resized "
+                         f"(it declares no sizing); pass --budget off.")
+    if {"epochs", "data_fraction"} & set(o.budget):
+        raise UsageError(f"--budget {minutes:g} sizes the study's data fraction and epochs "
+                         f"itself; pass --budget off to set --epochs or --data-fraction.")
+    here = sizing.machine()
+    base = fingerprint(s)
+    earlier = _earlier_sizing(o.study.storage, minutes, base, o.study.study_name)
+    mine = [(n, z) for n, z in earlier if z.machine == here or o.study.study_name]
+    if mine:
+        name, chosen = mine[0]
+        print(f"budget {minutes:g} min: continuing study {name}, sized before: {chosen.said()}",
+              flush=True)
+    else:
+        own = int(s.budget.get("epochs", 1))
+        chosen = sizing.choose(lambda df, ep: study_seconds(s.resize(df, ep), meter), s.bounds,
+                               own, minutes, here)
+        for name, z in earlier:
+            print(f"budget {minutes:g} min: study {name} in this storage was sized on "
+                  f"{z.machine}; this machine sizes its own, which is another study", flush=True)
+        _say_sizing(s, chosen)
+    out = s.resize(chosen.data_fraction, chosen.epochs)
+    out.sized, out.sizing_base = chosen, base
+    return out
+
+
+def _say_sizing(s: StudyPlan, z: sizing.Sizing) -> None:
+    floor = sizing.path(s.bounds, int(s.budget.get("epochs", 1)))[0]
+    at_floor = f"{floor[0]:g} of each train split for {floor[1]} epoch(s)"
+    if z.fits:
+        print(f"budget {z.minutes:g} min: {z.said()} (sized on this machine; its floor, "
+              f"{at_floor}, takes about {z.floor_s / 60:.1f} min)", flush=True)
+        return
+    print(f"budget {z.minutes:g} min: even the {s.profile} profile's floor ({at_floor}; below "
+          f"it its cells do not train) takes about {z.floor_s / 60:.1f} min on {z.machine}, "
+          f"over the budget. It runs at the floor: Ctrl-C stops it (the same command "
+          f"continues it), --budget {math.ceil(z.floor_s / 60 * 1.15)} gives it room, "
+          f"--budget off runs the profile's own size.", flush=True)
 
 
 def choose_slots(s: StudyPlan, requested: int | None) -> tuple[int, float]:
@@ -398,7 +510,8 @@ def choose_slots(s: StudyPlan, requested: int | None) -> tuple[int, float]:
 
 
 def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
-         poll: float = 5.0, concurrent: int | None = 1) -> dict[str, int]:
+         poll: float = 5.0, concurrent: int | None = 1,
+         meter: Meter | None = None) -> dict[str, int]:
     """Train waiting cells, ``concurrent`` at once (None: as many as suit this device), until
     none is left, and none is running anywhere, saying how long the rest will take as it goes.
     Each slot takes the next waiting cell the moment its own ends."""
@@ -455,8 +568,10 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
                 if pool is None:
                     k, speedup = choose_slots(s, concurrent)
                     pool = Pool(k, Runtime(s.config(s.cells[0], 0)).device)
-                    eta = estimate(s, data, [(c.name, sd) for c in s.cells
+                    eta = estimate(s, meter or Meter(data), [(c.name, sd) for c in s.cells
                                              for sd in range(s.seeds)], k, speedup)
+                    if "estimate_s" not in st.user_attrs:  # the study's start, for its end line
+                        st.set_user_attr("estimate_s", round(eta.left(left()), 1))
                     at_once = f", {k} at a time" if k > 1 else ""
                     print(f"{len(left())} of {total} runs to train{at_once}: about "
                           f"{lifecycle.duration(eta.left(left()))} on this machine (from a "
@@ -578,6 +693,7 @@ def render(s: StudyPlan, r: StudyReport) -> str:
                  if r.wall_s else "") + ".",
               f"Budget applied to every cell: {s.reduced()}.", "", findings.HOW_TO_READ, "",
               "## Effects on test", "", *findings.effects_table(r.rows), "",
+              *([why] if (why := _tta_at_this_size(s, r)) else []),
               findings.detectable_summary(r.rows, s.seeds), "",
               f"Cells (reference: {s.reference}, base: {s.base}): {CELL_GUIDE} Each child run "
               f"is named `<cell> s<seed>`.", ""]
@@ -590,6 +706,24 @@ def render(s: StudyPlan, r: StudyReport) -> str:
         lines += ["", "## Missing cells", ""]
         lines += [f"- `{c}` seed {sd}: {why}" for c, sd, why in r.missing]
     return "\n".join(lines) + "\n"
+
+
+def _tta_at_this_size(s: StudyPlan, r: StudyReport) -> str:
+    """A reduced study whose TTA row is not resolved says why, from its own figures: what its
+    seeds detect and how far its models are from chance."""
+    tta = next((e for e in r.rows if e.pair.on_metric == "test_acc_tta"), None)
+    if s.profile == "full" or tta is None or not tta.is_size or \
+            (math.isfinite(tta.lo) and (tta.lo > 0 or tta.hi < 0)):
+        return ""
+    tests = [g.figures["test_acc"][0] for g in r.rungs
+             if math.isfinite(g.figures["test_acc"][0])]
+    near = (f", and its stages reach only {min(tests):.2f} to {max(tests):.2f} test accuracy"
+            if tests else "")
+    det = (f"{tta.detectable * 100:.2f} points" if math.isfinite(tta.detectable) else
+           "no size (no spread between seeds)")
+    return (f"**TTA is not resolved at this size:** with {tta.n} seed(s) the smallest effect "
+            f"found with 80% power here is {det}{near}; at the study's own settings it is "
+            f"measured on models that train (the README's answer).\n")
 
 
 def figures(s: StudyPlan, r: StudyReport) -> dict[str, Any]:
@@ -614,13 +748,44 @@ def publish(parent: str, out_dir: Path, r: StudyReport, text: str, figs: dict[st
             plots.close(fig)
             client.log_artifact(parent, str(out_dir / fname), "report")
     client.log_artifact(parent, str(out_dir / "report.md"), "report")
-    client.set_tag(parent, "mlflow.note.content", text)
+    client.set_tag(parent, "mlflow.note.content", overview(parent, r, text,
+                                                            figs.get("forest.png") is not None))
     for e in r.rows:
         if e.is_size:
             lifecycle.log_interval(parent, f"{effect_key(e)}/test_points", e.mean, e.lo, e.hi)
             for stat, v in (("p", e.p), ("p_holm", e.p_holm)):
                 if v == v:  # not NaN: no spread, no p
-                    client.log_metric(parent, f"{effect_key(e)}/{stat}", v)
+                    client.log_metric(parent, f"{effect_key(e)}/{stat}", float(f"{v:.3g}"))
+    experiment = client.get_run(parent).info.experiment_id
+    note = client.get_experiment(experiment).tags.get("mlflow.note.content", "")
+    client.set_experiment_tag(experiment, "mlflow.note.content",
+                              answer_note(parent, experiment, r) + note.split(ANSWER_END, 1)[-1])
+
+
+# Where the answer at the top of the experiment's description ends and the rest begins, so a
+# rebuilt report replaces its line instead of stacking another above it.
+ANSWER_END = "\n\n---\n\n"
+
+
+def forest_address(parent: str) -> str:
+    """The forest plot as the MLflow UI serves an artifact, relative to the UI's own address,
+    so a description shows it inline on whichever server opens the store."""
+    return f"get-artifact?path=report/forest.png&run_uuid={parent}"
+
+
+def overview(parent: str, r: StudyReport, text: str, has_forest: bool) -> str:
+    """The parent run's description: the effects and the forest plot first, where the run's
+    page opens, then the whole report."""
+    head = [f"## The answer: effects on test, `{r.name}`", "", *findings.answer_table(r.rows), ""]
+    if has_forest:
+        head += [f"![forest plot of the effects]({forest_address(parent)})", ""]
+    return "\n".join(head) + "\n" + text
+
+
+def answer_note(parent: str, experiment: str, r: StudyReport) -> str:
+    return (f"**The answer** ({len(r.rows)} effect(s); {len(r.missing)} run(s) missing): "
+            f"{findings.answer_line(r.rows)} The effects table and forest plot are on the parent "
+            f"run [{r.name}](#/experiments/{experiment}/runs/{parent}).{ANSWER_END}")
 
 
 def report(st: optuna.Study, s: StudyPlan, out_dir: Path) -> str:
@@ -651,6 +816,28 @@ def report_once(st: optuna.Study, s: StudyPlan, out_dir: Path, storage: str,
     return text
 
 
+def timing_line(st: optuna.Study, command_s: float) -> str:
+    """The study's end line: its budget, the estimate printed at its start and the time it took,
+    so every run of the demonstration checks its own estimate."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.study = '{st.study_name}' and "
+                                            f"attributes.status = 'FINISHED'")
+    cells = [r for r in runs if "cell" in r.data.tags]
+    said = [f"this command took {command_s / 60:.1f} min"]
+    if cells:
+        span = (max(r.info.end_time for r in cells) - min(r.info.start_time for r in cells)) / 1000
+        said.insert(0, f"its runs took {span / 60:.1f} min (first start to last end)")
+        estimate_s = st.user_attrs.get("estimate_s")
+        if estimate_s:
+            off = span / estimate_s - 1
+            said.insert(0, f"estimated at its start {estimate_s / 60:.1f} min")
+            said[1] += f", {abs(off):.0%} {'over' if off > 0 else 'under'} the estimate"
+    sized = st.user_attrs.get("sizing")
+    if sized:
+        said.insert(0, f"budget {sized['minutes']:g} min")
+    return f"study {st.study_name}: " + "; ".join(said)
+
+
 CELL_GUIDE = ("A cell named after a stage (`advanced`) trains that stage as the study describes "
               "it; `<reference> -T` is the reference with toggle T taken out (leave one out), "
               "`<reference> +T` with T put in where the reference lacks it; `<base> +T` is the "
@@ -665,7 +852,10 @@ def cells_view(st: optuna.Study, name: str, s: StudyPlan) -> str:
     return tracking.share_view(
         mlflow.get_run(st.user_attrs["parent_run_id"]).info.experiment_id, name,
         # Finished runs only: a stopped run's seed would count in its group without a figure.
-        {"searchFilter": f"tags.study = '{name}' and attributes.status = 'FINISHED'",
+        # `tags.cell != ''` leaves out the parent run, which has no cell: the UI would show it
+        # as an empty group of its own ("Additional runs").
+        {"searchFilter": f"tags.study = '{name}' and tags.cell != '' and "
+                         f"attributes.status = 'FINISHED'",
          "orderByKey": "attributes.start_time",
          "orderByAsc": True, "selectedColumns": [*metrics, "tags.`seed`"],
          "groupBy": {"aggregateFunction": "average",
@@ -708,6 +898,7 @@ class AblateOptions:
     log_models: LogModels | None = None  # None: the profile's
     write_report: bool = True
     concurrent: int | None = 1  # units at once in this worker; None: auto
+    minutes: float | str | None = None  # --budget: "auto" (the profile's on a CPU), None: off
 
 
 def study_name(o: AblateOptions, s: StudyPlan, data: fer.FerData) -> str:
@@ -718,10 +909,13 @@ def study_name(o: AblateOptions, s: StudyPlan, data: fer.FerData) -> str:
 
 
 def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict[str, Any]:
+    began = time.time()
     s = load_study(o.study_file, o.profile, o.seeds, o.budget)  # errors before anything else
     if o.log_models is not None:
         s.log_models = o.log_models
     data = fer.load_training(o.study.data)
+    meter = Meter(data)
+    s = size_to_budget(o, s, meter)
     exp = exp or tracking.setup(None)
     name = study_name(o, s, data)
     opened = lifecycle.open_study(o.study, exp, name, study_description(name, s))
@@ -738,7 +932,8 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
     # create the stores.
     helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
     try:
-        counts = work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent)
+        counts = work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent,
+                      meter=meter)
         waited = counts.pop("waited")
     finally:
         for h in helpers:
@@ -753,11 +948,12 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> dict
         return out
     if any(h.returncode != 0 for h in helpers):
         for k, v in work(opened.study, s, data, o.study.heartbeat,
-                         concurrent=o.concurrent).items():
+                         concurrent=o.concurrent, meter=meter).items():
             if k in out:
                 out[k] += v
     out["report"] = report_once(opened.study, s, Path(o.report_dir), o.study.storage,
                                 took_part=bool(out["trained"] or out["failed"] or waited))
+    out["timing"] = timing_line(opened.study, time.time() - began)
     lifecycle.finish_parent(opened.parent, opened.entry_run)
     if o.study.register:
         out["registered"] = lifecycle.register(f"tags.study = '{name}'", o.study.register,
@@ -786,11 +982,14 @@ def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
             "--storage", o.study.storage, "--study-name", name,
             "--heartbeat", str(o.study.heartbeat), "--log-models", s.log_models,
             "--threads", str(worker_threads(o.jobs, o.concurrent or 1)), "--no-report",
-            "--concurrent", str(o.concurrent or "auto")]
+            "--concurrent", str(o.concurrent or "auto"), "--budget", "off"]
+    # The size this worker chose (or was given): a helper never sizes the study again.
+    chosen = {**o.budget, **({k: s.budget[k] for k in ("epochs", "data_fraction")}
+                             if s.sized else {})}
     for key, flag in (("epochs", "--epochs"), ("data_fraction", "--data-fraction"),
                       ("width", "--width")):
-        if o.budget.get(key):
-            args += [flag, str(o.budget[key])]
+        if chosen.get(key):
+            args += [flag, str(chosen[key])]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
            "MLFLOW_EXPERIMENT_ID": exp.id()}
     env.pop("MLFLOW_RUN_ID", None)
@@ -809,6 +1008,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of each train split used (default: the profile's)")
     p.add_argument("--width", type=Number(RANGES["width"]), default=None,
                    help="channel multiplier of every net (default: the profile's)")
+    p.add_argument("--budget", type=Number(sizing.MINUTES, words={"auto": "auto", "off": None}),
+                   default="auto", metavar="auto|off|MINUTES",
+                   help="size a reduced profile (quick) to about this many minutes on this "
+                        "machine, its train share first, then its epochs (default auto: the "
+                        "profile's own budget on a CPU, none on a GPU; off: the profile's own "
+                        "size; full is never resized)")
     p.add_argument("--report-dir", default="ablation_report")
     p.add_argument("--jobs", type=Number(WHOLE_1), default=1,
                    help="workers on this machine (one process each, the CPU threads split "
@@ -841,11 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds,
                                        budget, a.report_dir, a.jobs, a.log_models or None,
-                                       a.report, a.concurrent), exp)
+                                       a.report, a.concurrent, a.budget), exp)
     except KeyboardInterrupt:
         lifecycle.say_stopped("pipeline.ablate", argv, under_mlflow_run)
         raise
     print(out["report"])
+    print(out["timing"])
     print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then "
           f"http://127.0.0.1:5000/{out['view']} (the study's cells, each the mean of its seeds; "
           f"the report is on the parent run `ablation {out['profile']}`)."

@@ -5,6 +5,7 @@ slot a run trains in when several train at once in one process)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import threading
@@ -609,11 +610,21 @@ class StopRun(Exception):
         self.state = state
 
 
-def measure_rates(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Rates:
+    """Images/s of one network on this machine: training, scoring in the training precision
+    (validation between epochs) and scoring in fp32 (the final scores)."""
+
+    train: float
+    score: float
+    score_fp32: float
+
+
+def measure_rates(cfg: Config, seconds: float = 1.0) -> Rates:
     """Training and scoring images/s of ``cfg``'s network on this machine, measured on random
     faces: the step the run will take (device, precision, augmentation, CUDA graph), after one
-    warm-up epoch, then the same faces scored as validation scores them. A short measurement,
-    for estimating how long a study will take."""
+    warm-up epoch, then the same faces scored as validation scores them and as the final
+    scores do (in fp32). A short measurement, for estimating how long a study will take."""
     rt = Runtime(cfg)
     rng = RunRandom(0, rt.device)
     gen = rng.order
@@ -624,20 +635,23 @@ def measure_rates(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
     opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
     step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg),
                      generators=rng.graphed_generators())
+    fp32 = copy.copy(rt)
+    fp32.bf16 = False
     rates = []
     for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
-                     lambda: predict(model, images, rt)):
+                     lambda: predict(model, images, rt),
+                     lambda: predict(model, images, fp32)):
         one_pass()  # warm-up (the first scoring pass builds its own kernels)
         # The best of three short windows: a window that another process interrupted would
         # otherwise set the estimate for the whole study.
         best = 0.0
         for _ in range(3):
             done, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 6 or done == 0:
+            while time.perf_counter() - t0 < seconds / 9 or done == 0:
                 one_pass()
                 done += n
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             best = max(best, done / (time.perf_counter() - t0))
         rates.append(best)
-    return rates[0], rates[1]
+    return Rates(*rates)

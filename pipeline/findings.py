@@ -182,6 +182,29 @@ def effects_table(rows: list[Effect]) -> list[str]:
     return out
 
 
+def answer_table(rows: list[Effect]) -> list[str]:
+    """The effects as a reader first wants them: size, Holm p and what it allows one to say."""
+    out = ["| component | effect on test (points) [95% CI] | Holm p | reading |",
+           "|---|---|---|---|"]
+    for e in rows:
+        size = points(e.mean, e.lo, e.hi) if e.is_size else "—"
+        out.append(f"| {e.pair.label} | {size} | {p_text(e.p_holm)} | {reading(e)} |")
+    return out
+
+
+def answer_line(rows: list[Effect]) -> str:
+    """The study's answer in one line: the effects that hold after Holm's adjustment."""
+    held = [e for e in rows if e.is_size and math.isfinite(e.p_holm) and e.p_holm < 0.05]
+    rest = len(rows) - len(held)
+    if not held:
+        return (f"No effect is resolved after Holm's adjustment ({len(rows)} measured; each "
+                f"interval is in the report).")
+    said = "; ".join(f"{e.pair.label} {points(e.mean, e.lo, e.hi)} points (Holm p "
+                     f"{p_text(e.p_holm)})" for e in held)
+    return f"Resolved after Holm's adjustment: {said}" + (
+        f"; {rest} other effect(s) not resolved." if rest else ".")
+
+
 def detectable_summary(rows: list[Effect], seeds: int) -> str:
     det = [e.detectable * 100 for e in rows if e.is_size and math.isfinite(e.detectable)]
     if not det:

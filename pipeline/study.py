@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import mlflow
 import optuna
@@ -400,17 +400,20 @@ def duration(seconds: float) -> str:
 @dataclass
 class Eta:
     """How long the units left will take this worker: each unit's predicted seconds (the images
-    it trains on and scores, over the rates measured on this machine) times a scale for what the
-    prediction leaves out (start-up, logging, plots). The scale starts at a prior and moves to
-    the ratio of measured to predicted time as units finish here, in proportion to the share of
-    the predicted work they make up, so that one short unit, whose fixed costs weigh most,
-    cannot swing the estimate of the whole.
+    it trains and scores over the rates measured on this machine, plus its fixed costs) times a
+    scale. The scale starts at a prior and moves to the ratio of measured to predicted time as
+    units finish here, in proportion to the share of the predicted work they make up, so that
+    one short unit cannot swing the estimate of the whole.
 
     A worker that trains ``slots`` units at once gets through the whole ``speedup`` times
     faster (measured), and each unit then takes ``slots / speedup`` times its time alone."""
 
+    # The prediction counts every pass and a run's figures (measured): it left out nothing a
+    # quick study on a 2-core CPU spent, within 1% (docs/performance.md), so the prior is 1.
+    PRIOR: ClassVar[float] = 1.0
+
     predicted: dict[Any, float]
-    scale: float = 1.1
+    scale: float = PRIOR
     weight: float = 0.0  # predicted seconds the prior counts as; 0: a tenth of the total
     slots: int = 1
     speedup: float = 1.0

@@ -479,8 +479,10 @@ def run_tune(o: TuneOptions, exp: tracking.Experiment | None = None) -> dict[str
     data = fer.load_training(o.study.data)
     exp = exp or tracking.setup(None)
     spec = hashlib.sha1(Path(o.space_file).read_bytes()).hexdigest()[:6]
-    name = o.study.study_name or f"tune-{Path(o.space_file).stem}-{o.profile}-" \
-                                 f"{data.digest[-6:]}-{spec}"
+    stem = Path(o.space_file).stem
+    # The file's name, once: `tune-quick-...` for tune.yaml, `tune-myspace-quick-...` for others.
+    name = o.study.study_name or "-".join(dict.fromkeys(
+        ["tune", stem, o.profile, data.digest[-6:], spec]))
     opened = lifecycle.open_study(o.study, exp, name, (
         f"Optuna search `{name}` ({space.profile} profile) over {space.path.name}. The parent "
         f"run `tune {name}` holds the best config, the history and importance plots and the "

@@ -170,7 +170,20 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
     assert len(runs) == 1 + 4  # the parent and every (cell, seed), nothing else
     parent = mlflow.get_run(out["parent_run_id"])
     assert parent.info.experiment_id == exp.experiment_id
-    assert parent.data.tags["mlflow.note.content"] == out["report"]
+    # The run's page opens on the answer (the effects with their Holm p, the forest plot
+    # inline through the UI's artifact address), then the whole report.
+    note = parent.data.tags["mlflow.note.content"]
+    head, _, rest = note.partition(out["report"])
+    assert head.startswith(f"## The answer: effects on test, `{out['study']}`") and rest == ""
+    assert "| component | effect on test (points) [95% CI] | Holm p | reading |" in head
+    assert f"(get-artifact?path=report/forest.png&run_uuid={parent.info.run_id})" in head
+    forest = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                 artifact_path="report/forest.png")
+    assert Path(forest).stat().st_size > 0
+    # The experiment's description leads with one line of the answer and the parent's address.
+    first = exp.tags["mlflow.note.content"].split("\n")[0]
+    assert first.startswith("**The answer** (") and \
+        f"(#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})" in first
     logged = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study.yaml")
     assert logged == study.read_text()  # the study file, as tuning logs its space
     assert "`<reference> -T` is the reference with toggle T taken out" in out["report"]
@@ -640,3 +653,32 @@ def test_a_stop_while_the_study_measures_this_machine_leaves_every_unit_waiting(
     st = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'q.db'}")
     assert {t.state for t in st.trials} == {optuna.trial.TrialState.WAITING}
     assert len(st.trials) == 75
+
+
+def test_the_report_logs_p_to_3_significant_digits_and_answers_first(tmp_path):
+    from pipeline import ablate, findings
+
+    pair = findings.Pair("tta (on improved)", "improved", "improved", "test_acc_tta", "test_acc")
+    e = findings.Effect(pair, {0: 0.70, 1: 0.71, 2: 0.69}, {0: 0.68, 1: 0.70, 2: 0.68},
+                        mean=0.0133, lo=0.0051, hi=0.0216, p=0.012584798254389046,
+                        detectable=0.01, p_holm=0.037754394763167138)
+    r = ablate.StudyReport("s", [e], [], [], "cpu", None)
+    exp = mlflow.create_experiment("p-digits")
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    ablate.publish(run.info.run_id, tmp_path, r, "the report\n", {"forest.png": None})
+    got = mlflow.get_run(run.info.run_id).data.metrics
+    assert got["effect_tta_on_improved/p"] == 0.0126
+    assert got["effect_tta_on_improved/p_holm"] == 0.0378
+    assert got["effect_tta_on_improved/test_points"] == 1.33
+    note = mlflow.get_run(run.info.run_id).data.tags["mlflow.note.content"]
+    assert note.index("| tta (on improved) | +1.33 [+0.51, +2.16] | 0.038 |") < \
+        note.index("the report")
+    assert "get-artifact" not in note  # no plot logged, none shown
+    answer = mlflow.get_experiment(exp).tags["mlflow.note.content"]
+    assert answer.startswith("**The answer** (1 effect(s); 0 run(s) missing): Resolved after "
+                             "Holm's adjustment: tta (on improved) +1.33 [+0.51, +2.16] points "
+                             "(Holm p 0.038).")
+    # A rebuilt report replaces its line rather than stacking another above it.
+    ablate.publish(run.info.run_id, tmp_path, r, "the report\n", {"forest.png": None})
+    assert mlflow.get_experiment(exp).tags["mlflow.note.content"].count("**The answer**") == 1

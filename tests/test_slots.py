@@ -264,7 +264,7 @@ def test_one_slot_runs_its_jobs_in_the_caller_s_thread():
 
 
 def test_the_estimate_counts_the_units_trained_at_once():
-    eta = Eta({"a": 10.0, "b": 10.0, "c": 20.0}, slots=2, speedup=1.6)
+    eta = Eta({"a": 10.0, "b": 10.0, "c": 20.0}, scale=1.1, slots=2, speedup=1.6)
     assert eta.left(["a", "b", "c"]) == pytest.approx(1.1 * 40 / 1.6)
     # A unit beside another takes 2 / 1.6 times its time alone: 12.5 s for a 10 s unit is on
     # time, so the scale moves from the prior 1.1 toward 1.0 by its share of the work.

@@ -355,7 +355,7 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
 
 
 class Meter:
-    """Each of a study's networks measured once on this machine (about a quarter of a second
+    """Each of a study's networks measured once on this machine (about a second
     each), and a unit's predicted seconds from them: the images ``train.predicted_work`` says it
     trains and scores, over the rates they go at here, plus the run's own fixed costs."""
 
@@ -378,7 +378,7 @@ class Meter:
                cfg.precision, cfg.device)
         if net not in self.rates:
             try:
-                self.rates[net] = measure_rates(cfg, seconds=0.25)
+                self.rates[net] = measure_rates(cfg, seconds=1.0)
             except lifecycle.UNIT_FAILURES:  # a cell that cannot train fails as its unit, fast
                 self.rates[net] = None
         return self.rates[net]
@@ -774,9 +774,11 @@ def forest_address(parent: str) -> str:
 
 
 def overview(parent: str, r: StudyReport, text: str, has_forest: bool) -> str:
-    """The parent run's description: the effects and the forest plot first, where the run's
-    page opens, then the whole report."""
-    head = [f"## The answer: effects on test, `{r.name}`", "", *findings.answer_table(r.rows), ""]
+    """The parent run's description: the answer in a line (what MLflow 3.17 shows before its
+    "Show more": 100 pixels of a run's description), then the effects and the forest plot, then
+    the whole report."""
+    head = [f"**The answer:** {findings.answer_line(r.rows)}", "",
+            f"## Effects on test, `{r.name}`", "", *findings.answer_table(r.rows), ""]
     if has_forest:
         head += [f"![forest plot of the effects]({forest_address(parent)})", ""]
     return "\n".join(head) + "\n" + text
@@ -856,7 +858,9 @@ def cells_view(st: optuna.Study, name: str, s: StudyPlan) -> str:
         # as an empty group of its own ("Additional runs").
         {"searchFilter": f"tags.study = '{name}' and tags.cell != '' and "
                          f"attributes.status = 'FINISHED'",
-         "orderByKey": "attributes.start_time",
+         # `created` orders as start_time does; the UI fetches the parents of the runs it
+         # shows when ordered by start_time itself, and would list the parent after all.
+         "orderByKey": "attributes.created",
          "orderByAsc": True, "selectedColumns": [*metrics, "tags.`seed`"],
          "groupBy": {"aggregateFunction": "average",
                      "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]},

@@ -408,8 +408,8 @@ class Eta:
     A worker that trains ``slots`` units at once gets through the whole ``speedup`` times
     faster (measured), and each unit then takes ``slots / speedup`` times its time alone."""
 
-    # The prediction counts every pass and a run's figures (measured): it left out nothing a
-    # quick study on a 2-core CPU spent, within 1% (docs/performance.md), so the prior is 1.
+    # The prediction counts every pass and a run's figures, measured here: on 2-core CPUs it
+    # came within the noise of the measurement itself (docs/performance.md), so the prior is 1.
     PRIOR: ClassVar[float] = 1.0
 
     predicted: dict[Any, float]

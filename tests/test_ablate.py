@@ -99,13 +99,14 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
             m, abs=0.005 + 1e-9)
         assert metrics["effect_batchnorm_leave_one_out/test_points_lo"] == pytest.approx(
             m - half, abs=0.005 + 1e-9)
-    # Holm over the family of rows with a p, recomputed from the logged raw p-values.
+    # Holm over the family of rows with a p, recomputed from the logged raw p-values (both
+    # logged to 3 significant digits, so they agree to the rounding of the two).
     raw = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/p")}
     order = sorted(raw, key=raw.get)
     running = 0.0
     for i, key in enumerate(order):
         running = max(running, min(1.0, (len(order) - i) * raw[key]))
-        assert metrics[f"{key}/p_holm"] == pytest.approx(running, abs=1e-12)
+        assert metrics[f"{key}/p_holm"] == pytest.approx(running, rel=len(order) * 5e-3)
     # Effects are read on test only; the report shows each seed's values and what the seeds
     # could detect.
     assert not any("val_points" in k for k in metrics)
@@ -134,8 +135,10 @@ def test_smoke_study_through_mlflow_run(kaggle_csv, tmp_path):
     assert {"metrics.`test_acc`", "metrics.`test_acc_tta`"} <= set(view["selectedColumns"])
     assert view["groupsExpanded"] == {f"tag.cell.{c.name}": False for c in s.cells}
     shown = mlflow.search_runs([exp_id], filter_string=view["searchFilter"], output_format="list")
-    assert {x.info.run_id for x in shown} == {x.info.run_id for x in children} | {
-        parent.info.run_id}
+    assert {x.info.run_id for x in shown} == {x.info.run_id for x in children}
+    # Ordered by start_time itself, MLflow 3.17's UI fetches the shown runs' parents too and
+    # lists the parent as a group of its own ("Additional runs"); `created` is the same order.
+    assert view["orderByKey"] == "attributes.created"
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -174,7 +177,8 @@ def test_a_study_has_its_own_experiment_and_its_report_is_the_parent_description
     # inline through the UI's artifact address), then the whole report.
     note = parent.data.tags["mlflow.note.content"]
     head, _, rest = note.partition(out["report"])
-    assert head.startswith(f"## The answer: effects on test, `{out['study']}`") and rest == ""
+    assert head.startswith("**The answer:** ") and rest == ""
+    assert f"## Effects on test, `{out['study']}`" in head
     assert "| component | effect on test (points) [95% CI] | Holm p | reading |" in head
     assert f"(get-artifact?path=report/forest.png&run_uuid={parent.info.run_id})" in head
     forest = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,

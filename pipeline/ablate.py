@@ -858,9 +858,11 @@ def cells_view(st: optuna.Study, name: str, s: StudyPlan) -> str:
         # as an empty group of its own ("Additional runs").
         {"searchFilter": f"tags.study = '{name}' and tags.cell != '' and "
                          f"attributes.status = 'FINISHED'",
-         # `created` orders as start_time does; the UI fetches the parents of the runs it
-         # shows when ordered by start_time itself, and would list the parent after all.
-         "orderByKey": "attributes.created",
+         # By run name (cells in name order, each one's seeds together). Ordered by start
+         # time, MLflow 3.17's UI fetches the parents of the runs it shows and would list the
+         # parent as a group of its own ("Additional runs"); a key its sort menu does not name
+         # (`attributes.created`) shows as "Sort: undefined".
+         "orderByKey": "tags.`mlflow.runName`",
          "orderByAsc": True, "selectedColumns": [*metrics, "tags.`seed`"],
          "groupBy": {"aggregateFunction": "average",
                      "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]},
@@ -1055,7 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         lifecycle.say_stopped("pipeline.ablate", argv, under_mlflow_run)
         raise
     print(out["report"])
-    print(out["timing"])
+    if out.get("timing"):  # a helper started with --no-report leaves the end to its starter
+        print(out["timing"])
     print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then "
           f"http://127.0.0.1:5000/{out['view']} (the study's cells, each the mean of its seeds; "
           f"the report is on the parent run `ablation {out['profile']}`)."

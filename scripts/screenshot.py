@@ -90,7 +90,7 @@ def main() -> int:
     a = p.parse_args()
     width, height = (int(v) for v in a.size.split(","))
     port = 9300 + os.getpid() % 500
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
             ["chromium", "--headless=new", "--no-sandbox", "--hide-scrollbars",
              f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
@@ -113,8 +113,8 @@ def main() -> int:
             deadline = time.time() + a.wait
             while time.time() < deadline and a.until and not ws.send(
                     "Runtime.evaluate", returnByValue=True,
-                    expression=f"document.body.innerText.includes({json.dumps(a.until)})"
-            )["result"]["value"]:
+                    expression=f"!!document.body && document.body.innerText.includes("
+                               f"{json.dumps(a.until)})")["result"].get("value"):
                 time.sleep(0.5)
             time.sleep(3)  # what renders after the text: images, charts
             for text in a.click:

@@ -36,7 +36,6 @@ from . import study as lifecycle
 from .cli import Number, parser, run_main
 from .config import RANGES, STAGES, TOGGLES, Config, build, config_path
 from .errors import ConfigError, UsageError
-from .augment import tta_thetas
 from .engine import Rates, Runtime, Slot, measure_rates
 from .models import supports_residual
 from . import numbers
@@ -379,8 +378,8 @@ class Meter:
         if net not in self.rates:
             try:
                 self.rates[net] = measure_rates(cfg, seconds=1.0)
-            except lifecycle.UNIT_FAILURES:  # a cell that cannot train fails as its unit, fast
-                self.rates[net] = None
+            except Exception:  # noqa: BLE001 (a cell that cannot train meets it again as its
+                self.rates[net] = None  # unit, which records it or reports the bug)
         return self.rates[net]
 
     def seconds(self, cfg: Config) -> float:
@@ -406,7 +405,7 @@ def estimate(s: StudyPlan, meter: Meter, keys: list[tuple[str, int]],
 
 def study_seconds(s: StudyPlan, meter: Meter) -> float:
     """The whole study's predicted seconds on this machine, one unit at a time (a seed costs
-    what seed 0 does), with the estimate's prior allowance for what the prediction leaves out."""
+    what seed 0 does), as the estimate printed at its start will say."""
     per_seed = [meter.seconds(s.config(c, 0)) for c in s.cells]
     known = [v for v in per_seed if math.isfinite(v)]
     typical = sum(known) / len(known) if known else 0.0
@@ -438,7 +437,7 @@ def size_to_budget(o: AblateOptions, s: StudyPlan, meter: Meter) -> StudyPlan:
     if minutes == "auto":
         minutes = s.bounds.minutes if s.bounds and device.type == "cpu" else None
         if minutes is not None and {"epochs", "data_fraction"} & set(o.budget):
-            print(f"budget: none; --epochs/--data-fraction size this study", flush=True)
+            print("budget: none; --epochs/--data-fraction size this study", flush=True)
             return s
     if minutes is None:
         return s
@@ -520,6 +519,7 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
     counts = {"trained": 0, "failed": 0, "waited": 0}
     total = len(s.cells) * s.seeds
     lock = threading.Lock()  # the counts, the estimate and the bar, shared by the slots
+    bugs = lifecycle.BugCount(st.study_name)
 
     def left() -> list[tuple[str, int]]:
         return [(t.user_attrs["cell"], int(t.user_attrs["seed"])) for t in st.get_trials(
@@ -551,7 +551,12 @@ def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
     def run_unit(slot: Slot, tid: int, cell: Cell, seed: int) -> None:
         slot.label = f"{cell.name} s{seed}"
         t0 = time.time()
-        with lifecycle.unit(st, tid, heartbeat, f"cell {cell.name} seed {seed}") as out:
+        def run_of() -> str | None:
+            run = find_run(st.study_name, cell=cell.name, seed=seed)
+            return run.info.run_id if run is not None else None
+
+        with lifecycle.unit(st, tid, heartbeat, f"cell {cell.name} seed {seed}", bugs=bugs,
+                            run_of=run_of) as out:
             res = run_cell(s, st.study_name, cell, seed, data, parent)
             storage_of(st).set_trial_user_attr(tid, "run_id", res.run_id)
             out.value = res.metrics.get("val_acc", res.val_acc or 0.0)

@@ -28,6 +28,7 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -46,14 +47,44 @@ from . import tracking
 from .cli import Number, whole  # noqa: F401 (the studies take it from here with their other arguments)
 from .numbers import WHOLE_1
 from .config import coerce, given, load_yaml
-from .errors import EXPECTED, ConfigError, UsageError
+from .errors import EXPECTED, ConfigError, RepeatedFailure, UsageError
 from .stores import TrackingLost, first_use_lock, owner_alive, owner_tag
 
 PROFILES = ("smoke", "quick", "full")
 Outcome = Literal["complete", "pruned", "failed"]
 # A unit that fails with one of these is recorded as failed, with its reason, and the study goes
-# on (a diverging config, an out-of-memory cell); anything else stops the worker.
-UNIT_FAILURES = (*EXPECTED, RuntimeError, MemoryError, ValueError)
+# on: what a run meets of its own (a diverging config, a cell its settings cannot build, data it
+# cannot read, no memory left). Anything else is a bug in the code, not in the unit (BugCount).
+UNIT_FAILURES = (*EXPECTED, torch.OutOfMemoryError, MemoryError)
+# A CPU allocation that fails is a plain RuntimeError with this in its message.
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
+
+
+def units_own(e: BaseException) -> bool:
+    """Whether ``e`` is the unit's own failure (recorded, the study goes on) rather than a bug."""
+    return isinstance(e, UNIT_FAILURES) or (
+        isinstance(e, RuntimeError) and any(m in str(e).lower() for m in OUT_OF_MEMORY))
+
+
+class BugCount:
+    """A worker's unexpected errors, by type and message: the same one ``limit`` times stops the
+    worker (a bug fails every unit alike; training the rest would only fail them too)."""
+
+    def __init__(self, study: str, limit: int = 3, again: str = "the same command"):
+        self.study, self.limit, self.again = study, limit, again
+        self.seen: dict[str, int] = {}
+        self._lock = threading.Lock()  # units training side by side fail from their threads
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self.seen[reason] = n = self.seen.get(reason, 0) + 1
+        if n >= self.limit:
+            raise RepeatedFailure(
+                f"{n} units of study {self.study!r} failed with the same unexpected error, "
+                f"{reason}: a bug, not a unit's own failure (each unit's traceback is in the log "
+                f"and, where its run began, in that run's artifact traceback.txt). This worker "
+                f"stopped; the units went back to the queue. Fix it, then continue the study "
+                f"with {self.again}.")
 
 
 # --------------------------------------------------------------------------- the command line
@@ -511,13 +542,16 @@ Tell = Callable[[TrialState, "list[float] | None"], None]
 
 @contextlib.contextmanager
 def unit(study: optuna.Study, tid: int, heartbeat: int, what: str,
-         tell: Tell | None = None) -> Iterator[Result]:
+         tell: Tell | None = None, bugs: BugCount | None = None,
+         run_of: Callable[[], str | None] | None = None) -> Iterator[Result]:
     """Run the body as one claimed unit under a heartbeat, and record its outcome.
 
     ``tell(state, values)`` records it (the search's ``study.tell``, so its sampler hears of the
     result); by default the storage is told directly. A unit that fails with one of
     :data:`UNIT_FAILURES` is recorded failed with its reason, and the body's exception ends
-    here. Ctrl-C, SIGTERM or a lost tracking store hand the unit back to the queue at once (not
+    here. Any other exception is a bug: its traceback goes to the log and, as ``traceback.txt``,
+    to the unit's MLflow run (``run_of()``), the unit goes back to the queue as a stop does, and
+    ``bugs`` stops the worker when the same error has come back ``bugs.limit`` times. Ctrl-C, SIGTERM or a lost tracking store hand the unit back to the queue at once (not
     when its heartbeat goes stale), for this or another worker, and go on up: by default as the
     same trial, WAITING again, so that it is taken before the units that never began and no
     failure is recorded for a stop; a search's trial ends FAIL and a retry of it waits."""
@@ -530,6 +564,13 @@ def unit(study: optuna.Study, tid: int, heartbeat: int, what: str,
         else:
             storage.set_trial_state_values(tid, state, values)
 
+    def give_back() -> None:
+        if tell is None:
+            hand_back(storage, tid)
+        else:  # a search's sampler must hear of the trial's end; its retry is a new trial
+            record(TrialState.FAIL)
+            optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(tid))
+
     try:
         with Heartbeat(storage, tid, heartbeat):
             yield out
@@ -538,17 +579,27 @@ def unit(study: optuna.Study, tid: int, heartbeat: int, what: str,
         record(TrialState.PRUNED)
         out.state = "pruned"
     except (KeyboardInterrupt, TrackingLost):
-        if tell is None:
-            hand_back(storage, tid)
-        else:  # a search's sampler must hear of the trial's end; its retry is a new trial
-            record(TrialState.FAIL)
-            optuna.storages.RetryFailedTrialCallback()(study, storage.get_trial(tid))
+        give_back()
         raise
-    except UNIT_FAILURES as e:
+    except Exception as e:
         out.state, out.reason = "failed", f"{type(e).__name__}: {e}"[:1000]
-        print(f"{what} failed: {out.reason}", flush=True)
-        storage.set_trial_user_attr(tid, "error", out.reason)
-        record(TrialState.FAIL)
+        if units_own(e):
+            print(f"{what} failed: {out.reason}", flush=True)
+            storage.set_trial_user_attr(tid, "error", out.reason)
+            record(TrialState.FAIL)
+            return
+        _report_bug(what, out.reason, traceback.format_exc(), run_of)
+        give_back()
+        if bugs is not None:
+            bugs.add(out.reason)
+
+
+def _report_bug(what: str, reason: str, tb: str, run_of: Callable[[], str | None] | None) -> None:
+    print(f"{what}: an unexpected error, {reason} (a bug: the unit goes back to the queue). "
+          f"Its traceback:\n{tb}", file=sys.stderr, flush=True)
+    run_id = run_of() if run_of is not None else None
+    if run_id is not None:
+        mlflow.MlflowClient().log_text(run_id, tb, "traceback.txt")
 
 
 def hand_back(storage, tid: int) -> None:

@@ -282,6 +282,7 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
     n_trials, timeout = o.n_trials, o.timeout
     t0 = time.time()
     mine = {"complete": 0, "pruned": 0, "failed": 0}
+    bugs = lifecycle.BugCount(st.study_name)
     while True:
         lifecycle.fail_stale(st)
         done = len(counted(st))
@@ -301,7 +302,8 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
             continue
         print(f"[{len(counted(st)) + 1}/{n_trials}] trial {trial.number}", flush=True)
         with lifecycle.unit(st, trial_id(trial), o.study.heartbeat, f"trial {trial.number}",
-                         tell=lambda state, v, t=trial: st.tell(t, v, state=state)) as out:
+                            tell=lambda state, v, t=trial: st.tell(t, v, state=state),
+                            bugs=bugs, run_of=lambda n=trial.number: _run_id(st, n)) as out:
             out.value = run_trial(st, space, data, trial, o.seed)
         mine[out.state] += 1
         run = find_run(st.study_name, trial=trial.number)
@@ -309,6 +311,11 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
             if out.reason:
                 mlflow.MlflowClient().set_tag(run.info.run_id, "error", out.reason[:500])
             mlflow.MlflowClient().set_tag(run.info.run_id, "state", out.state)
+
+
+def _run_id(st: optuna.Study, number: int) -> str | None:
+    run = find_run(st.study_name, trial=number)
+    return run.info.run_id if run is not None else None
 
 
 # --------------------------------------------------------------------------- the summary

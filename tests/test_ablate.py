@@ -18,6 +18,7 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
+from pipeline import study as lifecycle
 from pipeline.ablate import load_study
 from pipeline.cli import UsageError
 from tests.conftest import (PG, ROOT, TINY, ablate_study, freeze_mid_trial, run_cli, start_cli,
@@ -686,3 +687,41 @@ def test_the_report_logs_p_to_3_significant_digits_and_answers_first(tmp_path):
     # A rebuilt report replaces its line rather than stacking another above it.
     ablate.publish(run.info.run_id, tmp_path, r, "the report\n", {"forest.png": None})
     assert mlflow.get_experiment(exp).tags["mlflow.note.content"].count("**The answer**") == 1
+
+
+@pytest.mark.slow
+def test_a_bug_in_training_leaves_tracebacks_on_the_runs_and_three_stop_the_worker(
+        kaggle_csv, tmp_path, monkeypatch, capsys):
+    from pipeline import ablate, train
+    from pipeline.cli import run_main
+
+    study = mini_study(tmp_path)
+    args = ["--data", str(kaggle_csv), "--study", str(study), "--profile", "smoke",
+            "--storage", "sqlite:///q.db", "--report-dir", str(tmp_path / "rep")]
+
+    def deliberate(*a, **k):
+        raise KeyError("deliberate")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "final_scores", deliberate)  # after each run's epochs, inside its run
+        with pytest.raises(SystemExit) as stop:
+            run_main(ablate.main, args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("error: 3 units of study 'ablate-mini-smoke-") and \
+        "failed with the same unexpected error, KeyError: 'deliberate': a bug" in last
+    assert err.count("Traceback (most recent call last)") == 3  # each in the log
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.cell != ''")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    for r in runs:
+        tb = mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/traceback.txt")
+        assert "in deliberate" in tb and "KeyError: 'deliberate'" in tb
+    # Fixed, the same command continues the study: every unit trains, none is lost as failed.
+    with pytest.raises(SystemExit) as done:
+        run_main(ablate.main, args)
+    assert done.value.code == 0
+    name = last.split("'")[1]
+    st = optuna.load_study(study_name=name, storage="sqlite:///q.db")
+    assert sorted(t.state.name for t in lifecycle.settled(st)) == ["COMPLETE"] * 4

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from pipeline import study as lifecycle
 from pipeline import tracking
-from pipeline.errors import TrainingError, UsageError
+from pipeline.errors import RepeatedFailure, TrainingError, UsageError
 
 
 @pytest.mark.parametrize("text, value", [("3", 3), ("3.0", 3), ("0", 0)])
@@ -70,6 +70,58 @@ def test_a_unit_records_its_value_its_failure_or_its_pruning_and_the_study_goes_
         "error"]
     assert by_unit[2].state == TrialState.PRUNED
     assert lifecycle.claim(st) is None  # nothing waits
+
+
+def test_a_bug_in_a_unit_leaves_its_traceback_on_the_run_and_the_unit_back_in_the_queue(capsys):
+    st, (t,) = _claimed(1)
+    with mlflow.start_run() as run:
+        pass
+
+    def body():
+        return {}["a key the code forgot"]
+
+    with lifecycle.unit(st, lifecycle.trial_id(t), 1, "cell x seed 0",
+                        run_of=lambda: run.info.run_id) as out:
+        body()
+    assert out.state == "failed" and out.reason == "KeyError: 'a key the code forgot'"
+    tb = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/traceback.txt")
+    assert "in body" in tb and tb.rstrip().endswith("KeyError: 'a key the code forgot'")
+    assert "cell x seed 0: an unexpected error, KeyError" in capsys.readouterr().err
+    # Not recorded as the unit's failure: it waits to be trained again once the bug is fixed.
+    assert st.trials[0].state == TrialState.WAITING and "error" not in st.trials[0].user_attrs
+
+
+def test_the_same_unexpected_error_three_times_stops_the_worker_in_one_line():
+    st, units = _claimed(4)
+    bugs = lifecycle.BugCount(st.study_name)
+    for i, t in enumerate(units[:2]):
+        with lifecycle.unit(st, lifecycle.trial_id(t), 1, f"u{i}", bugs=bugs) as out:
+            raise KeyError("k")
+        assert out.state == "failed"
+    with lifecycle.unit(st, lifecycle.trial_id(units[2]), 1, "other", bugs=bugs):
+        raise IndexError("another bug")  # another error counts apart
+    with pytest.raises(RepeatedFailure) as e:
+        with lifecycle.unit(st, lifecycle.trial_id(units[3]), 1, "u3", bugs=bugs):
+            raise KeyError("k")
+    said = str(e.value)
+    assert said.startswith(f"3 units of study {st.study_name!r} failed with the same unexpected "
+                           f"error, KeyError: 'k'") and "\n" not in said
+    assert said.endswith("continue the study with the same command.")
+    assert {tr.state for tr in st.trials} == {TrialState.WAITING}  # every unit kept for the rerun
+
+
+@pytest.mark.parametrize("error, own", [
+    (TrainingError("the training loss became nan"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:116] DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 1073741824 bytes"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x512 and 256x7)"), False),
+    (ValueError("too many values to unpack"), False),
+    (KeyError("stage"), False),
+])
+def test_a_unit_fails_alone_on_its_own_trouble_and_anything_else_is_a_bug(error, own):
+    assert lifecycle.units_own(error) is own
 
 
 def test_a_stopped_unit_goes_back_to_the_queue_at_once_and_the_stop_goes_on_up():

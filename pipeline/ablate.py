@@ -456,7 +456,7 @@ def size_to_budget(o: AblateOptions, s: StudyPlan, meter: Meter) -> StudyPlan:
         print(f"budget {minutes:g} min: continuing study {name}, sized before: {chosen.said()}",
               flush=True)
     else:
-        own = int(s.budget.get("epochs", 1))
+        own = int(s.budget.get("epochs", s.bounds.epochs[0]))
         chosen = sizing.choose(lambda df, ep: study_seconds(s.resize(df, ep), meter), s.bounds,
                                own, minutes, here)
         for name, z in earlier:
@@ -469,7 +469,7 @@ def size_to_budget(o: AblateOptions, s: StudyPlan, meter: Meter) -> StudyPlan:
 
 
 def _say_sizing(s: StudyPlan, z: sizing.Sizing) -> None:
-    floor = sizing.path(s.bounds, int(s.budget.get("epochs", 1)))[0]
+    floor = sizing.path(s.bounds, int(s.budget.get("epochs", s.bounds.epochs[0])))[0]
     at_floor = f"{floor[0]:g} of each train split for {floor[1]} epoch(s)"
     if z.fits:
         print(f"budget {z.minutes:g} min: {z.said()} (sized on this machine; its floor, "

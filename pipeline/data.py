@@ -55,6 +55,7 @@ class FerData:
     usage: np.ndarray  # (N,) str
     source: str
     digest: str  # content hash of the source
+    from_cache: bool = False  # read from the parse cache, not parsed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,8 +92,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _cache_path(digest: str) -> Path:
-    return cache_dir() / f"v{CACHE_VERSION}-{digest}.npz"
+def _cache_path(digest: str, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / f"v{CACHE_VERSION}-{digest}.npz"
 
 
 def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -137,18 +138,19 @@ def check_source(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike, use_cache: bool = True) -> FerData:
-    """Load FER2013 from any supported layout, through the content-keyed cache."""
+def load(path: str | os.PathLike, use_cache: bool = True, cache: Path | None = None) -> FerData:
+    """Load FER2013 from any supported layout, through the content-keyed cache (in ``cache``,
+    by default ``cache_dir()``)."""
     p = check_source(path)
     try:
         digest = content_digest(p)
     except OSError as e:
         raise DataError(f"{e.filename or p}: cannot be read ({e.strerror or e}).") from None
-    cpath = _cache_path(digest)
+    cpath = _cache_path(digest, cache)
     if use_cache and cpath.exists():
         hit = _read_cache(cpath)
         if hit is not None:
-            return FerData(*hit, source=str(p), digest=digest)
+            return FerData(*hit, source=str(p), digest=digest, from_cache=True)
     images, labels, usage = (_load_folder(p) if p.is_dir() else _load_csv(p))
     if use_cache:
         try:

@@ -35,8 +35,6 @@ from .errors import InputError, UsageError, one_line
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-# FFmpeg prints its own complaints about a damaged video; the one-line error says it instead.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "improved")
 
 
@@ -316,6 +314,10 @@ def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # FFmpeg prints its own complaints about a damaged video; the one-line error says it instead.
+    # Set here, where the command owns the process, not at import (OpenCV reads it at the first
+    # video it opens).
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     p = parser("Find every face in photos, folders and videos and name its emotion; with "
                "--experiment (or under `mlflow run`) the results are also logged as a run.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",

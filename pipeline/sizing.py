@@ -85,7 +85,7 @@ def _minutes(seconds: float) -> str:
 def read_bounds(spec: Any, where: str, profile_set: dict[str, Any]) -> Bounds:
     """The profile's ``sizing`` mapping, checked: ``minutes`` (the default budget on a CPU),
     ``data_fraction: [floor, ceiling]`` and ``epochs: [floor, ceiling]``, each range holding
-    the profile's own size."""
+    the profile's own size where it sets one."""
     if not isinstance(spec, dict) or set(spec) - {"minutes", "data_fraction", "epochs"}:
         raise UsageError(f"{where}: sizing: expected a mapping of minutes, data_fraction: "
                          f"[floor, ceiling] and epochs: [floor, ceiling], got "
@@ -96,8 +96,8 @@ def read_bounds(spec: Any, where: str, profile_set: dict[str, Any]) -> Bounds:
                   f"{where}: sizing: data_fraction")
     epochs = _pair(spec.get("epochs"), numbers.WHOLE_1, f"{where}: sizing: epochs")
     for key, (lo, hi) in (("data_fraction", share), ("epochs", epochs)):
-        own = profile_set.get(key)
-        if own is None or not lo <= own <= hi:
+        own = profile_set.get(key)  # not given: the path starts from the floor
+        if own is not None and not lo <= own <= hi:
             raise UsageError(f"{where}: sizing: {key} [{lo:g}, {hi:g}] must hold the profile's "
                              f"own {key} (its set: {key}: {own}).")
     return Bounds(minutes, share, (int(epochs[0]), int(epochs[1])))

@@ -146,3 +146,14 @@ def test_the_quick_profile_is_sized_from_its_own_size_within_its_bounds():
     assert {(small.config(c, 0).data_fraction, small.config(c, 0).epochs)
             for c in small.cells} == {(0.2, 2)}
     assert s.budget["data_fraction"] == 0.4  # the plan it came from is unchanged
+
+
+def test_a_profile_that_leaves_its_epochs_unset_is_sized_from_the_floor(tmp_path):
+    spec = {"minutes": 5, "data_fraction": [0.2, 0.6], "epochs": [1, 2]}
+    study = sized_study(tmp_path, spec)
+    d = yaml.safe_load(study.read_text())
+    del d["profiles"]["smoke"]["set"]["epochs"]
+    study.write_text(yaml.safe_dump(d))
+    s = load_study(study, "smoke")
+    assert "epochs" not in s.budget and s.bounds.epochs == (1, 2)
+    assert sizing.path(s.bounds, s.bounds.epochs[0])[:2] == [(0.2, 1), (0.25, 1)]

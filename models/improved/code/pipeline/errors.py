@@ -32,9 +32,14 @@ class InputError(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+class RepeatedFailure(RuntimeError):
+    """A worker that met the same unexpected error (a bug) in several units and stopped, with
+    the error and how to go on in the message."""
+
+
 # What an entry point reports in one line (exit 2) instead of a traceback.
 EXPECTED = (DataError, ConfigError, UsageError, TrainingError, InputError, ConnectionError,
-            FileNotFoundError)
+            FileNotFoundError, RepeatedFailure)
 
 
 def one_line(message: str) -> str:

@@ -826,13 +826,9 @@ def report_once(st: optuna.Study, s: StudyPlan, out_dir: Path, storage: str,
 def timing_line(st: optuna.Study, command_s: float) -> str:
     """The study's end line: its budget, the estimate printed at its start and the time it took,
     so every run of the demonstration checks its own estimate."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.study = '{st.study_name}' and "
-                                            f"attributes.status = 'FINISHED'")
-    cells = [r for r in runs if "cell" in r.data.tags]
+    span = collect(st).wall_s
     said = [f"this command took {command_s / 60:.1f} min"]
-    if cells:
-        span = (max(r.info.end_time for r in cells) - min(r.info.start_time for r in cells)) / 1000
+    if span:
         said.insert(0, f"its runs took {span / 60:.1f} min (first start to last end)")
         estimate_s = st.user_attrs.get("estimate_s")
         if estimate_s:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -57,14 +57,11 @@ class Sizing:
         return self.predicted_s <= self.minutes * 60
 
     def as_attrs(self) -> dict[str, Any]:
-        return {"minutes": self.minutes, "data_fraction": self.data_fraction,
-                "epochs": self.epochs, "predicted_s": round(self.predicted_s, 1),
-                "floor_s": round(self.floor_s, 1), "machine": self.machine}
+        return asdict(self)
 
     @classmethod
     def of_attrs(cls, d: dict[str, Any]) -> Sizing:
-        return cls(float(d["minutes"]), float(d["data_fraction"]), int(d["epochs"]),
-                   float(d["predicted_s"]), float(d["floor_s"]), str(d["machine"]))
+        return cls(**d)
 
     def params(self) -> dict[str, Any]:
         """The parent run's params that say how the study was sized."""

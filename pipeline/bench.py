@@ -22,10 +22,15 @@ from . import data as fer
 from . import numbers
 from .cli import Number, parser, run_main
 from .errors import UsageError
-from .config import STAGE_DIR, STAGES, build, parse_set
-from .engine import (Recipe, Runtime, TrainStep, build_optimizer, predict, seed_everything,
-                     train_one_epoch)
+from .config import STAGE_DIR, STAGES, Config, build, parse_set
+from .engine import Runtime, build_optimizer
+from .randomness import seed_everything
+from .rates import measure_rates
 from .models import build_model
+
+# The stage the plain recipe is compared on, and --concurrent measures by default: the default
+# config's, the one the project serves.
+REFERENCE = Config().stage
 from .slots import measure_concurrent
 
 
@@ -40,39 +45,21 @@ def _images(data: fer.FerData | None, n: int) -> tuple[np.ndarray, np.ndarray]:
 def bench_stage(stage: str, images: np.ndarray, labels: np.ndarray, overrides: dict,
                 seconds: float) -> dict[str, float]:
     """Training images/s through the same step as ``train`` (optimizer, augmentation, CUDA
-    graph where the run would use one), and evaluation images/s."""
+    graph where the run would use one) and scoring images/s, measured as a study's estimate
+    measures them (:func:`pipeline.rates.measure_rates`), on ``images``."""
     cfg = build(STAGE_DIR / f"{stage}.yaml", overrides)
-    rt = Runtime(cfg)
     seed_everything(0)
-    model = rt.model(build_model(cfg))
-    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
-    x = torch.from_numpy(images).unsqueeze(1).to(rt.device)
-    y = torch.from_numpy(labels).to(rt.device)
-    gen = torch.Generator().manual_seed(0)
-    step = TrainStep(model, opt, rt, x, y, Recipe.of(cfg))
-    train_one_epoch(step, gen)  # warm-up: allocator, kernels, graph capture
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        train_one_epoch(step, gen)
-        done += len(y) - (len(y) % cfg.batch_size if step.graphed else 0)
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    train_ips = done / (time.perf_counter() - t0)
-    predict(model, x[:256], rt)
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2:
-        predict(model, x[:1024], rt)
-        done += min(1024, len(x))
-    return {"train_img_per_s": round(train_ips, 1),
-            "eval_img_per_s": round(done / (time.perf_counter() - t0), 1),
-            "cuda_graph": step.graphed}
+    r = measure_rates(cfg, seconds, torch.from_numpy(images).unsqueeze(1),
+                      torch.from_numpy(labels).long())
+    return {"train_img_per_s": round(r.train, 1), "eval_img_per_s": round(r.score, 1),
+            "cuda_graph": r.graphed}
 
 
 def bench_plain(images: np.ndarray, labels: np.ndarray, overrides: dict,
                 seconds: float) -> float:
     """The usual recipe: PIL images, per-image torchvision transforms in DataLoader workers,
     fp32 contiguous tensors."""
-    cfg = build(STAGE_DIR / "improved.yaml", overrides)
+    cfg = build(STAGE_DIR / f"{REFERENCE}.yaml", overrides)
     device = Runtime(cfg).device
     tf = T.Compose([T.RandomAffine(cfg.rotation, (cfg.translate, cfg.translate),
                                    (cfg.scale_min, cfg.scale_max)),
@@ -212,18 +199,19 @@ def run_bench(data_path: str | None, overrides: dict, seconds: float,
     for s in stages:
         out["stages"][s] = bench_stage(s, images, labels, overrides, seconds)
         print(f"{s:10s} {out['stages'][s]}", flush=True)
-    if "improved" in stages:
+    if REFERENCE in stages:
         plain = bench_plain(images, labels, overrides, seconds)
-        out["plain_improved_train_img_per_s"] = round(plain, 1)
-        out["speedup_improved"] = round(out["stages"]["improved"]["train_img_per_s"] / plain, 2)
+        out[f"plain_{REFERENCE}_train_img_per_s"] = round(plain, 1)
+        out[f"speedup_{REFERENCE}"] = round(out["stages"][REFERENCE]["train_img_per_s"] / plain,
+                                            2)
     if concurrent:
-        stage = "improved" if "improved" in stages or not stages else stages[0]
+        stage = REFERENCE if REFERENCE in stages or not stages else stages[0]
         out["concurrent_stage"] = stage
         out["concurrent"] = bench_concurrent(stage, overrides, seconds, concurrent)
     if model_uri:
         out["inference"] = bench_inference(model_uri, seconds)
         print(f"inference  {out['inference']}", flush=True)
-    rt = Runtime(build(STAGE_DIR / "improved.yaml", overrides))
+    rt = Runtime(build(STAGE_DIR / f"{REFERENCE}.yaml", overrides))
     out["device"] = f"{rt.device.type}{'-bf16' if rt.bf16 else '-fp32'}" + (
         f" ({torch.cuda.get_device_name()})" if rt.device.type == "cuda" else
         f" ({torch.get_num_threads()} threads)")

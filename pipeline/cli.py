@@ -78,6 +78,24 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# Warnings silenced by what they say, each for its reason; any other shows, so that a deprecation
+# in MLflow, Optuna or their dependencies is seen before it breaks the ranges pyproject allows.
+QUIET_WARNINGS = (
+    # Optuna's heartbeats and stale-trial retries, which the study queue is built on
+    # (pipeline.study.queue), and its matplotlib plots are marked experimental; used knowingly.
+    r"Argument ``heartbeat_interval`` is an experimental feature",
+    r"optuna\.storages\._heartbeat\.fail_stale_trials is experimental",
+    r"RetryHeartbeatStaleTrialCallback is experimental",
+    r"optuna\.visualization\.matplotlib\.\S+ is experimental",
+    # Workers record trial heartbeats themselves (pipeline.study.Heartbeat) around ask/tell.
+    r"Heartbeat of storage is supposed to be used with Study\.optimize",
+    # MLflow resolves a local data file's source among two registrations of one class.
+    r"The specified dataset source can be interpreted in multiple ways",
+    # Inside MLflow's own SQL store (mlflow 3.17 with SQLAlchemy 2); nothing to change here.
+    r"The ``noload`` loader strategy is deprecated",
+)
+
+
 def quiet_libraries() -> None:
     # MLflow and alembic print migrations and hints on every start; keep the terminal for our own
     # progress and results.
@@ -89,12 +107,8 @@ def quiet_libraries() -> None:
     # It logs each database error with a traceback before raising it; the entry point reports
     # the raised error in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module="mlflow")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is experimental.*")
-    warnings.filterwarnings("ignore", message=".*is an experimental feature.*")
-    # Workers record trial heartbeats themselves (pipeline.study.Heartbeat) around ask/tell.
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _interrupt(signum, frame) -> None:

@@ -1,125 +1,27 @@
-"""Exactly one training epoch and one evaluation, each returning a dict; plus the pieces they need
-(device, precision, optimiser, scheduler, early stopping, a run's own random generators, and the
-slot a run trains in when several train at once in one process)."""
+"""Exactly one training epoch, and the pieces it needs (device, precision, optimiser, scheduler,
+early stopping, the network built from a run's own generators, and the slot a run trains in when
+several train at once in one process). Scoring is :mod:`pipeline.scoring`."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import random
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import N_DRAWS, augment_batch, normalize, tta_thetas
-from .models import build_model, view_probs
+from .augment import N_DRAWS, augment_batch, normalize
+from .models import NETWORKS, build_model
 from .config import OPTIMIZERS, SCHEDULERS, Config
 from .errors import ConfigError, TrainingError
-
-
-def seed_everything(seed: int, deterministic: bool = False, global_rng: bool = True) -> None:
-    """Seed the global generators (a run draws from its own, :class:`RunRandom`; code beside it
-    may not) and choose the kernels. ``global_rng=False`` leaves the global generators alone,
-    as runs trained side by side must: one run's seeding would reseed the others'."""
-    if global_rng:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = not deterministic
-
-
-# --------------------------------------------------------------------------- a run's randomness
-
-
-class RunRandom:
-    """Every random draw of one run comes from generators of its own, never from torch's global
-    one, so that runs trained side by side in one process draw exactly what each draws alone.
-
-    Seeded so that a run draws what it drew when its draws came from the global generator
-    seeded with its seed: ``init`` is that CPU stream (the network's initialisation, then, on a
-    CPU, its dropout masks, in that order); on a GPU the dropout masks come from ``dropout``, a
-    generator on the device seeded the same way, as the device's global one was. The data order
-    and the augmentation draws keep their own CPU generator, ``order``, as before. Paired arms of
-    one seed therefore still share their initial weights and batches (common random numbers)."""
-
-    def __init__(self, seed: int, device: torch.device):
-        self.order = torch.Generator().manual_seed(seed)
-        self.init = torch.Generator().manual_seed(seed)
-        self.dropout = (self.init if device.type == "cpu"
-                        else torch.Generator(device).manual_seed(seed))
-
-    def graphed_generators(self) -> tuple[torch.Generator, ...]:
-        """The generators a CUDA graph of the run's step must be registered with."""
-        return (self.dropout,) if self.dropout.device.type == "cuda" else ()
-
-    def state_dict(self) -> dict[str, Any]:
-        # The key names of the checkpoints written while these were global generators, so that
-        # a checkpoint of either kind resumes the same run.
-        return {"generator": self.order.get_state(), "torch_rng": self.init.get_state(),
-                "dropout_rng": None if self.dropout is self.init else self.dropout.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.order.set_state(state["generator"])
-        self.init.set_state(state["torch_rng"])
-        if self.dropout is self.init:
-            return
-        if state.get("dropout_rng") is not None:
-            self.dropout.set_state(state["dropout_rng"])
-        elif state.get("cuda_rng") and device.type == "cuda":
-            self.dropout.set_state(state["cuda_rng"][device.index or 0])
-
-
-_GLOBAL_RNG = threading.Lock()
-
-
-@contextlib.contextmanager
-def drawing_from(gen: torch.Generator):
-    """Run the block with torch's global CPU generator standing in for ``gen`` (and ``gen``
-    advanced by what the block drew): a module's default initialisation takes no generator.
-    The lock keeps two runs from building their networks on the global one at once."""
-    with _GLOBAL_RNG:
-        saved = torch.get_rng_state()
-        torch.set_rng_state(gen.get_state())
-        try:
-            yield
-        finally:
-            gen.set_state(torch.get_rng_state())
-            torch.set_rng_state(saved)
-
-
-class RunDropout(nn.Module):
-    """Element-wise dropout drawing its masks from a run's own generator, with the same kernels
-    as ``nn.Dropout`` (CPU: a Bernoulli noise tensor; CUDA: the fused kernel that
-    ``nn.Dropout`` calls there), so that from the same generator state it drops the same
-    elements and scales them the same way."""
-
-    def __init__(self, p: float, generator: torch.Generator):
-        super().__init__()
-        self.p, self.generator = p, generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.numel() == 0:
-            return x
-        if self.p == 1:
-            return x * torch.zeros((), dtype=x.dtype, device=x.device)
-        if x.is_cuda:
-            return torch._fused_dropout(x, 1 - self.p, self.generator)[0]
-        noise = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
-        return x * noise.div_(1 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+from .randomness import RunDropout, RunRandom, drawing_from
 
 
 def build_net(cfg: Config, rt: "Runtime", rng: RunRandom) -> nn.Module:
@@ -332,8 +234,9 @@ class Runtime:
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
-        if self.channels_last and self.device.type == "cpu" and cfg.stage == "resnet" \
-                and cfg.width < 0.25:
+        projection = NETWORKS[cfg.stage].projection_inputs
+        if self.channels_last and self.device.type == "cpu" and projection \
+                and projection * cfg.width < 16:
             # oneDNN in torch 2.14 on AVX-512 CPUs segfaults (or aborts) in the backward pass of
             # the narrow ResNet with channels_last: seen at widths .125 and .15 with batches of
             # 3, 5 and 7, in fp32 and bf16, never in the other stages or with contiguous tensors.
@@ -551,53 +454,6 @@ def train_one_epoch(step: TrainStep, gen: torch.Generator, schedule: Schedule | 
             "img_per_s": seen / secs, "seconds": secs}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, rt: Runtime, tta: bool = False,
-            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax probabilities (N, 7) on the CPU, and with ``tta`` also their average over the
-    TTA views (the first view is the original, so both come from one pass)."""
-    cfg = rt.cfg
-    model.eval()
-    thetas = tta_thetas(cfg) if tta else torch.eye(2, 3)[None]  # the original view alone
-    bs = cfg.eval_batch_size or (1024 if rt.device.type == "cuda" else 64)
-    plain, averaged = [], []
-    rng = range(0, len(images), bs)
-    for start in tqdm(rng, desc=progress, leave=False,
-                      disable=None if progress and not current_slot().concurrent else True):
-        stop_point()
-        x = rt.to_input(images[start:start + bs].to(rt.device))
-        with rt.autocast():
-            ps = view_probs(model, x, thetas, cfg.normalize)
-        plain.append(ps[0].cpu())
-        if tta:
-            averaged.append((sum(ps) / len(ps)).cpu())
-    empty = torch.empty(0, 7)
-    return (torch.cat(plain) if plain else empty,
-            (torch.cat(averaged) if averaged else empty) if tta else None)
-
-
-def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    y = labels.cpu()
-    if len(y) == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "probs": probs}
-    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
-    return {"loss": loss, "acc": (probs.argmax(1) == y).float().mean().item(), "probs": probs}
-
-
-def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
-             tta: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and probabilities on one split; with ``tta`` also ``tta`` (the same dict
-    for the TTA-averaged predictions) and the images/s of the whole pass."""
-    t0 = time.perf_counter()
-    plain, averaged = predict(model, images, rt, tta)
-    out = scores(plain, labels)
-    out["img_per_s"] = len(images) * (len(tta_thetas(rt.cfg)) if tta else 1) / max(
-        time.perf_counter() - t0, 1e-9)
-    if tta:
-        out["tta"] = scores(averaged, labels)
-    return out
-
-
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -608,51 +464,3 @@ class StopRun(Exception):
     def __init__(self, state: str):
         super().__init__(state)
         self.state = state
-
-
-@dataclass(frozen=True)
-class Rates:
-    """Images/s of one network on this machine: training, scoring in the training precision
-    (validation between epochs) and scoring in fp32 (the final scores)."""
-
-    train: float
-    score: float
-    score_fp32: float
-
-
-def measure_rates(cfg: Config, seconds: float = 1.0) -> Rates:
-    """Training and scoring images/s of ``cfg``'s network on this machine, measured on random
-    faces: the step the run will take (device, precision, augmentation, CUDA graph), after one
-    warm-up epoch, then the same faces scored as validation scores them and as the final
-    scores do (in fp32). A short measurement, for estimating how long a study will take."""
-    rt = Runtime(cfg)
-    rng = RunRandom(0, rt.device)
-    gen = rng.order
-    n = cfg.batch_size * 8  # a pass long enough that its fixed costs do not dominate
-    images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 7, (n,), generator=gen)
-    model = build_net(cfg, rt, rng)
-    opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
-    step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg),
-                     generators=rng.graphed_generators())
-    fp32 = copy.copy(rt)
-    fp32.bf16 = False
-    rates = []
-    for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
-                     lambda: predict(model, images, rt),
-                     lambda: predict(model, images, fp32)):
-        one_pass()  # warm-up (the first scoring pass builds its own kernels)
-        # The median of three short windows: one that another process interrupted does not set
-        # the estimate for the whole study, and neither does one that caught the CPU at a burst
-        # it does not keep up (the best window was 8 to 19% faster than a study then ran).
-        windows = []
-        for _ in range(3):
-            done, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 9 or done == 0:
-                one_pass()
-                done += n
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            windows.append(done / (time.perf_counter() - t0))
-        rates.append(sorted(windows)[1])
-    return Rates(*rates)

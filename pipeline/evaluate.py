@@ -11,7 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix
 
 from . import data as fer
 from . import plots, serving, stats, tracking
@@ -28,16 +28,20 @@ def load_model(model_uri: str) -> serving.ServedModel:
                          f"models:/m-... or runs:/<run_id>/<stage>.") from None
 
 
+def _or_none(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 def score(y: np.ndarray, probs: np.ndarray, usage: str) -> dict[str, Any]:
+    """Accuracy, macro-F1 and each class's scores, by the one rule ``train`` logs them with
+    (:func:`pipeline.stats.class_scores`): a class the rows lack has no F1 (null)."""
     pred = probs.argmax(1)
-    labels = list(range(len(fer.EMOTIONS)))
-    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels,
-                                                         zero_division=0)
-    per_class = {e: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                     "support": int(sup[i])} for i, e in enumerate(fer.EMOTIONS)}
+    s = stats.class_scores(y, pred, len(fer.EMOTIONS))
+    per_class = {e: {"precision": _or_none(s.precision[i]), "recall": _or_none(s.recall[i]),
+                     "f1": _or_none(s.f1[i]), "support": int(s.support[i])}
+                 for i, e in enumerate(fer.EMOTIONS)}
     return {"usage": usage, "n": int(len(y)), "accuracy": float((pred == y).mean()),
-            "macro_f1": stats.macro_f1(y, pred, len(labels))[0],
-            "per_class": per_class}
+            "macro_f1": s.macro_f1, "per_class": per_class}
 
 
 def check_output(predictions: str) -> None:
@@ -79,7 +83,8 @@ def run_evaluate(model_uri: str, path: str, usage: str = "PublicTest", tta: bool
         tracking.log_input(ds, context=usage)
         mlflow.log_metrics({"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
                             "n": result["n"]})
-        mlflow.log_metrics({f"f1_{e}": v["f1"] for e, v in result["per_class"].items()})
+        mlflow.log_metrics({f"f1_{e}": v["f1"] for e, v in result["per_class"].items()
+                            if v["f1"] is not None})
         cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(fer.EMOTIONS))))
         tracking.log_figure(plots.confusion(cm, f"Confusion matrix, {usage}"),
                             "confusion_matrix.png")
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['usage']}: n={r['n']} accuracy={r['accuracy']:.4f} "
               f"macro_f1={r['macro_f1']:.4f}")
         for e, v in r["per_class"].items():
-            print(f"  {e:9s} f1={v['f1']:.3f} support={v['support']}")
+            f1 = "  -  " if v["f1"] is None else f"{v['f1']:.3f}"
+            print(f"  {e:9s} f1={f1} support={v['support']}")
     return 0
 
 

@@ -100,8 +100,7 @@ def effects(pairs: list[Pair], by_cell: ByCell) -> list[Effect]:
         e = stats.paired_effect(on, off)
         untrained = [a for a in (arm(pr.on, by_cell), arm(pr.off, by_cell)) if a.did_not_train]
         untrained = list({a.cell: a for a in untrained}.values())  # tta: one cell, both arms
-        out.append(Effect(pr, on, off, e["mean"], e["lo"], e["hi"], e["p"], e["detectable"],
-                          untrained))
+        out.append(Effect(pr, on, off, e.mean, e.lo, e.hi, e.p, e.detectable, untrained))
     family = [e for e in out if e.is_size]
     for e, adj in zip(family, stats.holm([e.p for e in family])):
         e.p_holm = adj

@@ -22,8 +22,9 @@ from typing import Any, Callable
 import torch
 
 from .config import Config
-from .engine import (RunRandom, Recipe, Runtime, Slot, TrainStep, build_net, build_optimizer,
-                     in_slot, train_one_epoch)
+from .engine import (Recipe, Runtime, Slot, TrainStep, build_net, build_optimizer, in_slot,
+                     train_one_epoch)
+from .randomness import RunRandom
 
 Job = Callable[[], Any]
 Take = Callable[[Slot], "Job | None"]

@@ -11,6 +11,7 @@ from seed to seed, so it rejects a component with no effect far more often than 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -46,17 +47,31 @@ def paired_t(diffs: np.ndarray | list[float]) -> tuple[float, float]:
     return t, float(2 * stats.t.sf(abs(t), n - 1))
 
 
-def paired_effect(on: dict[int, float], off: dict[int, float]) -> dict[str, float]:
-    """Effect of a component (on - off), paired by seed over the seeds both sides have: mean,
-    95% t-interval, and the paired t-test's p (the test the interval comes from)."""
+@dataclass(frozen=True)
+class PairedEffect:
+    """A component's effect (on - off) over ``n`` seeds: its mean, 95% t-interval (``lo``,
+    ``hi``), the paired t-test's ``t`` and ``p`` (the test the interval comes from), the spread
+    ``sd`` of the differences and the smallest effect ``n`` seeds detect with 80% power."""
+
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    t: float
+    p: float
+    sd: float
+    detectable: float
+
+
+def paired_effect(on: dict[int, float], off: dict[int, float]) -> PairedEffect:
+    """The effect of a component, paired by seed over the seeds both sides have."""
     seeds = sorted(s for s in set(on) & set(off)
                    if math.isfinite(on[s]) and math.isfinite(off[s]))
     diffs = [on[s] - off[s] for s in seeds]
     m, lo, hi = mean_ci(diffs)
     t, p = paired_t(diffs)
     sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
-    return {"n": len(seeds), "mean": m, "lo": lo, "hi": hi, "t": t, "p": p, "sd": sd,
-            "detectable": detectable_effect(sd, len(seeds))}
+    return PairedEffect(len(seeds), m, lo, hi, t, p, sd, detectable_effect(sd, len(seeds)))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -84,18 +99,33 @@ def detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[float, np.ndarray]:
-    """Macro-F1 over the classes present in ``y_true``, and each class's F1 (NaN for a class the
-    labels lack). A class absent from the scored set has no F1 to average: counting it as 0
-    would penalise a model for what the file does not hold."""
+@dataclass(frozen=True)
+class ClassScores:
+    """Each class's precision, recall, F1 and support on the scored rows, and their macro-F1,
+    as ``train`` logs them and ``evaluate`` reports them. One rule for a class the labels lack:
+    it has no recall and no F1 (NaN, never logged), and the macro-F1 averages the classes
+    present; counting it as 0 would penalise a model for what the file does not hold. A class
+    never predicted has no precision (NaN)."""
+
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+
+    @property
+    def macro_f1(self) -> float:
+        present = np.isfinite(self.f1)
+        return float(self.f1[present].mean()) if present.any() else math.nan
+
+
+def class_scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> ClassScores:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    f1 = np.full(n_classes, math.nan)
-    for c in range(n_classes):
-        support = int((y_true == c).sum())
-        if support == 0:
-            continue
-        tp = int(((y_true == c) & (y_pred == c)).sum())
-        predicted = int((y_pred == c).sum())
-        f1[c] = 2 * tp / (support + predicted)  # = 2PR / (P + R), and 0 when tp is 0
-    present = np.isfinite(f1)
-    return (float(f1[present].mean()) if present.any() else math.nan), f1
+    support = np.array([(y_true == c).sum() for c in range(n_classes)])
+    predicted = np.array([(y_pred == c).sum() for c in range(n_classes)])
+    tp = np.array([((y_true == c) & (y_pred == c)).sum() for c in range(n_classes)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), math.nan)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), math.nan)
+        # = 2PR / (P + R), and 0 when a present class has no true positive
+        f1 = np.where(support > 0, 2 * tp / np.maximum(support + predicted, 1), math.nan)
+    return ClassScores(precision, recall, f1, support)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import shlex
@@ -18,17 +17,16 @@ import mlflow
 from mlflow.exceptions import MlflowException
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix
 
 from . import data as fer
-from . import plots, serving, stats, tracking
+from . import serving, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
-from .engine import (CudaGraphs, EarlyStopping, EpochCallback, Recipe, Runtime, RunRandom,
-                     StopRun, TrainStep, build_net, build_optimizer, build_scheduler,
-                     current_slot, evaluate_split, load_optimizer_state, seed_everything,
-                     train_one_epoch)
-from .augment import tta_thetas
+from .engine import (CudaGraphs, EarlyStopping, EpochCallback, Recipe, Runtime, StopRun,
+                     TrainStep, build_net, build_optimizer, build_scheduler, current_slot,
+                     load_optimizer_state, train_one_epoch)
+from .randomness import RunRandom, seed_everything
+from .scoring import evaluate_split, final_figures, final_scores
 from .errors import ConfigError, DataError, TrainingError, UsageError
 from .stores import owner_alive
 from .models import count_params
@@ -311,18 +309,18 @@ def _epoch(t: Trainer, xva: torch.Tensor, yva: torch.Tensor) -> dict[str, float]
     # A TTA run selects its epoch, steps its plateau and stops early on the accuracy it is
     # served with, the TTA one, as the study validated with TTA.
     va = evaluate_split(t.model, xva, yva, t.rt, tta=cfg.tta)
-    selected = va["tta"]["acc"] if cfg.tta else va["acc"]
+    selected = va.served(cfg.tta).acc
     t.train_seconds += tr["seconds"]
     # Epochs count from 1 everywhere (the progress line, the step, best_epoch), and no
     # per-epoch point sits at step 0, the step whose metrics MLflow ties to a logged model.
     row = {"epoch": t.next_epoch + 1, "train/loss": tr["loss"], "train/acc": tr["acc"],
-           "val/loss": va["loss"], "val/acc": va["acc"],
+           "val/loss": va.loss, "val/acc": va.acc,
            "train/img_per_s": tr["img_per_s"], "lr": float(t.opt.param_groups[0]["lr"])}
     if cfg.tta:
         row["val/acc_tta"] = selected
     who = current_slot().label
     print(f"{f'[{who}] ' if who else ''}{desc}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss "
-          f"{va['loss']:.4f} acc {va['acc']:.4f}"
+          f"{va.loss:.4f} acc {va.acc:.4f}"
           f"{f' (tta {selected:.4f})' if cfg.tta else ''} | {tr['img_per_s']:.0f} img/s",
           flush=True)
     return row
@@ -431,109 +429,6 @@ def _check_same_params(run_id: str, cfg: Config, data: fer.FerData) -> None:
         raise ConfigError(f"--resume {run_id}: that run was started with another config "
                           f"(differs in {', '.join(diff)}); resume it with the same config and "
                           f"--set values.")
-
-
-@dataclass
-class FinalScores:
-    """The selected model's final figures, in fp32 (the precision the logged model serves in),
-    with and without TTA, so the toggle needs no retraining. ``train_acc`` is the clean
-    accuracy on the train split (no augmentation, no dropout), beside ``majority_rate``, the
-    share of its largest class: a net that did not train sits at the latter, whatever its last
-    epoch's augmented accuracy said. ``y_true``/``y_pred`` are what the F1 and the figures
-    describe: test (val when the run saw no test), as the run itself is served (TTA or not)."""
-
-    metrics: dict[str, float]
-    part: str
-    rows: np.ndarray
-    y_true: np.ndarray
-    y_pred: np.ndarray
-    predictions: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Work:
-    """The images one run trains on and scores, as ``train`` and ``final_scores`` process them:
-    what a study's estimate divides by the rates measured on its machine."""
-
-    trained: float  # every epoch's share of the train split
-    validated: float  # scored after each epoch, in the training precision
-    final: float  # scored once at the end, in fp32: the clean train split, val and test
-
-
-def predicted_work(cfg: Config, n_training: int, n_test: int) -> Work:
-    """``n_training``: the file's Training rows (split here into train and val); ``n_test``:
-    the rows a final score reads as test. Early stopping is not foreseen: every epoch counts."""
-    n_val = round(n_training * cfg.val_fraction)
-    n_train = (n_training - n_val) * cfg.data_fraction
-    views = len(tta_thetas(cfg))
-    return Work(trained=n_train * cfg.epochs,
-                validated=cfg.epochs * n_val * (views if cfg.tta else 1),
-                final=n_train + (n_val + n_test) * views)
-
-
-def final_scores(t: Trainer, sp: Splits) -> FinalScores:
-    rt = copy.copy(t.rt)
-    rt.bf16 = False
-    (xva, yva), (xte, yte) = sp.val, sp.test
-    tr = evaluate_split(t.model, t.step.images, t.step.labels, rt)
-    counts = torch.bincount(t.step.labels.cpu(), minlength=len(fer.EMOTIONS))
-    va = evaluate_split(t.model, xva, yva, rt, tta=True)
-    te = evaluate_split(t.model, xte, yte, rt, tta=True) if len(yte) else None
-    ref, ref_y = (te, yte) if te is not None else (va, yva)
-    y_true = ref_y.numpy()
-    y_pred = (ref["tta"] if t.cfg.tta else ref)["probs"].argmax(1).numpy()
-    macro, f1s = stats.macro_f1(y_true, y_pred, len(fer.EMOTIONS))
-    h = t.history
-    metrics = {"val_acc": va["acc"], "val_acc_tta": va["tta"]["acc"], "val_loss": va["loss"],
-               "train_acc": tr["acc"], "majority_rate": float(counts.max() / counts.sum()),
-               "macro_f1": macro, "train_seconds": t.train_seconds, "epochs_run": len(h),
-               "best_epoch": t.stopper.best_epoch + 1,
-               "train_img_per_s": float(np.mean([r["train/img_per_s"] for r in h])),
-               "eval_img_per_s": va["img_per_s"], "train_acc_final": h[-1]["train/acc"]}
-    metrics.update({f"f1_{e}": float(f) for e, f in zip(fer.EMOTIONS, f1s) if np.isfinite(f)})
-    # Per-image predictions let the ablation run paired tests between models.
-    preds = {"val": va["probs"].argmax(1).numpy().astype(np.int8),
-             "val_tta": va["tta"]["probs"].argmax(1).numpy().astype(np.int8),
-             "val_labels": yva.numpy().astype(np.int8)}
-    if te is not None:
-        metrics.update({"test_acc": te["acc"], "test_acc_tta": te["tta"]["acc"]})
-        preds.update({"test": te["probs"].argmax(1).numpy().astype(np.int8),
-                      "test_tta": te["tta"]["probs"].argmax(1).numpy().astype(np.int8),
-                      "test_labels": yte.numpy().astype(np.int8)})
-    return FinalScores(metrics, "test" if te is not None else "val",
-                       sp.split.test if te is not None else sp.split.val, y_true, y_pred, preds)
-
-
-def final_figures(history: list[dict[str, float]], fs: FinalScores,
-                  images: np.ndarray) -> dict[str, Any]:
-    """The run's figures and its classification report, by artifact name (``images``: the
-    file's faces, indexed by ``fs.rows``)."""
-    labels = list(range(len(fer.EMOTIONS)))
-    cm = confusion_matrix(fs.y_true, fs.y_pred, labels=labels)
-    return {"learning_curves.png": plots.learning_curves(history),
-            "confusion_matrix.png": plots.confusion(
-                cm, f"Confusion matrix, {fs.part} (rows normalised)"),
-            "classification_report.txt": classification_report(
-                fs.y_true, fs.y_pred, labels=labels, target_names=list(fer.EMOTIONS), digits=4,
-                zero_division=0),
-            "misclassified.png": plots.misclassified(images[fs.rows], fs.y_true, fs.y_pred)}
-
-
-def figures_seconds(n_scored: int, epochs: int) -> float:
-    """How long a run's final figures take to draw and encode as PNG on this machine, on made-up
-    predictions of ``n_scored`` faces: most of what a short run spends outside its passes."""
-    rng = np.random.default_rng(0)
-    y_true, y_pred = (rng.integers(0, len(fer.EMOTIONS), n_scored) for _ in range(2))
-    fs = FinalScores({}, "test", np.arange(n_scored), y_true, y_pred, {})
-    history = [{"epoch": e + 1, "train/loss": 1.0, "train/acc": 0.5, "val/loss": 1.0,
-                "val/acc": 0.5, "train/img_per_s": 1.0, "lr": 1e-3} for e in range(epochs)]
-    images = rng.integers(0, 256, (n_scored, 48, 48), dtype=np.uint8)
-    t0 = time.perf_counter()
-    for item in final_figures(history, fs, images).values():
-        if not isinstance(item, str):
-            item.savefig(io.BytesIO(), format="png")  # as mlflow.log_figure saves it
-            plots.close(item)
-    return time.perf_counter() - t0
 
 
 def _finish(t: Trainer, data: fer.FerData, sp: Splits,

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,199 +19,23 @@ from typing import Any
 
 import mlflow
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from . import data as fer
 from . import plots, stats, tracking
 from . import study as lifecycle
 from .cli import Number, parser, run_main
-from .config import (RANGES, SCHEDULERS, Config, build, coerce, config_path, served_val_metric,
-                     to_yaml)
+from .config import Config, served_val_metric, to_yaml
 from .engine import StopRun
-from . import numbers
-from .numbers import POSITIVE, SEED, WHOLE_0, WHOLE_1, Range
-from .errors import ConfigError, UsageError
+from .errors import UsageError
+from .numbers import POSITIVE, SEED, WHOLE_1
+from .space import Space, fingerprint, load_space
 from .study import StudyOptions, find_run, storage_of, trial_id
 from .train import RunResult, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-# --------------------------------------------------------------------------- the search file
-
-
-SPACE_KEYS = ("base", "profiles", "sampler", "pruner", "space")
-# The arguments a search file may give each sampler and pruner, with the numbers each takes.
-SAMPLERS = {"tpe": (optuna.samplers.TPESampler,
-                    {"seed": SEED, "n_startup_trials": WHOLE_0, "n_ei_candidates": WHOLE_1}),
-            "random": (optuna.samplers.RandomSampler, {"seed": SEED})}
-_STEPS = {"n_warmup_steps": WHOLE_0, "interval_steps": WHOLE_1}
-PRUNERS = {"median": (optuna.pruners.MedianPruner,
-                      {"n_startup_trials": WHOLE_0, "n_min_trials": WHOLE_1, **_STEPS}),
-           "hyperband": (optuna.pruners.HyperbandPruner,
-                         {"min_resource": (WHOLE_1, ("auto",)),
-                          "max_resource": (WHOLE_1, ("auto",)),
-                          "reduction_factor": Range(whole=True, low=2)}),
-           "threshold": (optuna.pruners.ThresholdPruner,
-                         {"lower": Range(), "upper": Range(), **_STEPS}),
-           "none": (optuna.pruners.NopPruner, {})}
-
-
-def load_space(path: str | Path, profile: str) -> "Space":
-    """Read and check the search file, as :func:`pipeline.ablate.load_study` reads a study:
-    through the same reader, every config value checked, before any trial."""
-    p = Path(path)
-    d, prof = lifecycle.read_study_file(p, "search-space", SPACE_KEYS, profile)
-    budget = dict(prof.get("set") or {})
-    retrain = prof.get("retrain") or budget
-    space = d.get("space") or {}
-    if not isinstance(space, dict) or not isinstance(retrain, dict):
-        raise UsageError(f"{p}: space and a profile's retrain must be mappings, got "
-                         f"{space!r} and {retrain!r}.")
-    base = d.get("base") if d.get("base") is not None else "improved"
-    if not isinstance(base, str):
-        raise UsageError(f"{p}: base: expected a stage name or a config YAML path, got "
-                         f"{numbers.shown(base)}.")
-    try:
-        base_path = config_path(base)
-    except ConfigError as e:
-        raise UsageError(f"{p}: base: {e}") from None
-    sp = Space(path=p, base_path=base_path, profile=profile,
-               budget=budget, retrain=dict(retrain),
-               sampler_spec=d.get("sampler") or {"name": "tpe", "seed": 0},
-               pruner_spec=d.get("pruner") or {"name": "median"}, space=space)
-    if not sp.space:
-        raise UsageError(f"{p}: the space is empty; give at least one parameter.")
-    sp.retrain.update(lifecycle.check_budget(sp.retrain, f"{p} profile {profile} retrain"))
-    try:
-        sp.check(sp.space, str(p))
-        build(sp.base_path, sp.budget)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    sp.sampler()
-    sp.pruner()
-    return sp
-
-
-@dataclass(frozen=True)
-class Space:
-    """The search file, checked: a base config, a nested space, a sampler, a pruner, budgets."""
-
-    path: Path
-    base_path: Path
-    profile: str
-    budget: dict[str, Any]
-    retrain: dict[str, Any]  # the budget of --retrain-best (default: the search's)
-    sampler_spec: dict[str, Any]
-    pruner_spec: dict[str, Any]
-    space: dict[str, Any]
-
-    def check(self, space: dict, where: str) -> None:
-        for key, spec in space.items():
-            at = f"{where}: {key}"
-            if not isinstance(spec, dict) or "type" not in spec:
-                raise UsageError(f"{at}: expected {{type: float|int|categorical, ...}}.")
-            if key not in Config().to_dict():
-                coerce(key, None, at)  # raises: unknown key, with the valid ones listed
-            if spec["type"] in ("float", "int"):
-                self._check_range(key, spec, at)
-            elif spec["type"] == "categorical":
-                choices = spec.get("choices")
-                if not choices:
-                    raise UsageError(f"{at}: categorical needs a non-empty list or mapping of "
-                                     f"choices.")
-                names = list(choices)
-                if key == "scheduler":
-                    bad = [c for c in names if c not in SCHEDULERS]
-                    if bad:
-                        raise UsageError(f"{at}: unknown scheduler(s) {bad}; choose from "
-                                         f"{', '.join(SCHEDULERS)}.")
-                for c in names:
-                    coerce(key, c, at)
-                if isinstance(choices, dict):
-                    for c, sub in choices.items():
-                        self.check(sub or {}, f"{at}={c}")
-            else:
-                raise UsageError(f"{at}: unknown type {spec['type']!r}; use float, int or "
-                                 f"categorical.")
-
-    @staticmethod
-    def _check_range(key: str, spec: dict, at: str) -> None:
-        """``low`` and ``high`` read by the key's own range (pipeline.numbers), written back as
-        numbers, so ``1e-4`` (text to YAML) samples as it reads."""
-        rng = RANGES.get(key)
-        if rng is None:
-            raise UsageError(f"{at}: {key} is not a number; search it as type: categorical.")
-        if spec["type"] == "float" and rng.whole:
-            raise UsageError(f"{at}: {key} is a whole number; search it as type: int.")
-        rng = dataclasses.replace(rng, whole=spec["type"] == "int")
-        for end in ("low", "high"):
-            spec[end] = numbers.check(spec.get(end), rng, f"{at}: {end}", UsageError)
-            if spec[end] is None:
-                raise UsageError(f"{at}: {end}: expected {rng.expected()}, got nothing.")
-        if spec["low"] >= spec["high"]:
-            raise UsageError(f"{at}: empty or inverted range [{spec['low']}, {spec['high']}]; "
-                             f"low must be below high.")
-        if not isinstance(spec.get("log", False), bool):
-            raise UsageError(f"{at}: log: expected true or false, got "
-                             f"{numbers.shown(spec['log'])}.")
-        if spec.get("log") and spec["low"] <= 0:
-            raise UsageError(f"{at}: a log range needs low > 0, got {spec['low']}.")
-
-    def sample(self, trial: optuna.Trial, space: dict | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, spec in (self.space if space is None else space).items():
-            if spec["type"] == "float":
-                out[key] = trial.suggest_float(key, spec["low"], spec["high"],
-                                               log=bool(spec.get("log")))
-            elif spec["type"] == "int":
-                out[key] = trial.suggest_int(key, spec["low"], spec["high"],
-                                             log=bool(spec.get("log")))
-            else:
-                choice = trial.suggest_categorical(key, list(spec["choices"]))
-                out[key] = choice
-                if isinstance(spec["choices"], dict):
-                    out.update(self.sample(trial, spec["choices"][choice] or {}))
-        return out
-
-    def config(self, params: dict[str, Any], budget: dict[str, Any], seed: int) -> Config:
-        return build(self.base_path, {**budget, **params, "seed": seed})
-
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return self._engine("sampler", self.sampler_spec, "tpe", SAMPLERS)
-
-    def pruner(self) -> optuna.pruners.BasePruner:
-        return self._engine("pruner", self.pruner_spec, "median", PRUNERS)
-
-    def _engine(self, what: str, spec: Any, default: str,
-                kinds: dict[str, tuple[Any, dict[str, Any]]]) -> Any:
-        """An Optuna sampler or pruner from its spec, every argument checked as a number here:
-        a wrong one is one line naming the file, not a TypeError from Optuna's constructor."""
-        if not isinstance(spec, dict):
-            raise UsageError(f"{self.path}: {what}: expected a mapping such as "
-                             f"{{name: {default}}}, got {numbers.shown(spec)}.")
-        spec = dict(spec)
-        name = spec.pop("name", default)
-        if not isinstance(name, str) or name not in kinds:
-            raise UsageError(f"{self.path}: unknown {what} {numbers.shown(name)}; choose "
-                             f"{', '.join(kinds)}.")
-        cls, args = kinds[name]
-        kwargs = {}
-        for k, v in spec.items():
-            if k not in args:
-                raise UsageError(f"{self.path}: {what} {name}: unknown key {k!r}; valid keys: "
-                                 f"{', '.join(args) or 'none'}.")
-            rng, words = args[k] if isinstance(args[k], tuple) else (args[k], ())
-            if v in words:
-                kwargs[k] = v
-            else:
-                got = numbers.check(v, rng, f"{self.path}: {what} {name}: {k}", UsageError)
-                if got is not None:
-                    kwargs[k] = got
-        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- the study
@@ -294,8 +116,7 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
             print(f"--timeout {timeout:.0f}s reached; the study holds {done} of {n_trials}")
             return mine
         if done + len(running) >= n_trials and not waiting:
-            print(f"waiting for {len(running)} running trial(s) on other workers", flush=True)
-            time.sleep(poll)
+            lifecycle.wait_for_others(len(running), "trial", poll)
             continue
         trial = _ask(st, n_trials)
         if trial is None:
@@ -366,12 +187,12 @@ def summary_of(st: optuna.Study, space: Space) -> SearchSummary:
 def best_config_text(s: SearchSummary, space: Space) -> str:
     # The whole resolved config of the winning trial, so `train --config best_config.yaml`
     # runs exactly the trial that won.
-    return (f"# Best of Optuna study {s.study}: trial {s.best_trial}, val acc "
-            f"{s.best_val_acc:.4f}, profile {space.profile}.\n"
-            f"# Found at this budget: {s.budget} (seed {s.best_config.seed}). A winner at a "
-            f"reduced budget need not win at the full one.\n"
-            f"# Use with: python -m pipeline.train --config best_config.yaml --data ...\n"
-            + to_yaml(s.best_config))
+    head = [f"Best of Optuna study {s.study}: trial {s.best_trial}, val acc "
+            f"{s.best_val_acc:.4f}, profile {space.profile}.",
+            f"Found at this budget: {s.budget} (seed {s.best_config.seed}). A winner at a "
+            f"reduced budget need not win at the full one.",
+            "Use with: python -m pipeline.train --config best_config.yaml --data ..."]
+    return "".join(f"# {line}\n" for line in head) + to_yaml(s.best_config)
 
 
 def summary_note(s: SearchSummary, space: Space) -> str:
@@ -436,10 +257,11 @@ def retrain_best(st: optuna.Study, space: Space, data: fer.FerData, seeds: list[
     runs: dict[str, dict[int, dict[str, Any]]] = {"best": {}, "base": {}}
     for label, params in (("best", best_params), ("base", {})):
         for sd in seeds:
-            done = find_run(st.study_name, "FINISHED", role=f"retrain-{label}", seed=sd)
+            done, earlier = lifecycle.unit_runs(st.study_name, role=f"retrain-{label}", seed=sd)
             r = RunResult.of_run(done) if done is not None else train(
                 space.config(params, space.retrain, sd), data, run_name=f"retrain {label} s{sd}",
-                parent_run_id=parent, tags={"study": st.study_name, "role": f"retrain-{label}"})
+                parent_run_id=parent, tags={"study": st.study_name, "role": f"retrain-{label}"},
+                resume_run_id=earlier.info.run_id if earlier else None)
             runs[label][sd] = {"run_id": r.run_id, **{k: r.metrics.get(k) for k in (
                 "val_acc", "val_acc_tta", "test_acc", "test_acc_tta")}}
     # On test only: val chose each retrain's epoch, so a val difference is one of two maxima.
@@ -447,9 +269,8 @@ def retrain_best(st: optuna.Study, space: Space, data: fer.FerData, seeds: list[
     for key in ("test_acc", "test_acc_tta"):
         e = stats.paired_effect({sd: float(v[key]) for sd, v in runs["best"].items()},
                                 {sd: float(v[key]) for sd, v in runs["base"].items()})
-        diff[key] = e
-        lifecycle.log_interval(parent, f"tuned_minus_base/{key}_points", e["mean"], e["lo"],
-                            e["hi"])
+        diff[key] = dataclasses.asdict(e)
+        lifecycle.log_interval(parent, f"tuned_minus_base/{key}_points", e.mean, e.lo, e.hi)
     return {"seeds": seeds, "runs": runs, "tuned_minus_base": diff}
 
 
@@ -480,25 +301,25 @@ def _check(o: TuneOptions) -> None:
         raise UsageError(f"--timeout must be a positive number of seconds, got {o.timeout}.")
 
 
+def search_description(name: str, space: Space) -> str:
+    return (f"Optuna search `{name}` ({space.profile} profile) over {space.path.name}. The "
+            f"parent run `tune {name}` holds the best config, the history and importance plots "
+            f"and the trials table; each child run is one trial, tagged `state` complete, "
+            f"pruned or failed, and holds no test metric.")
+
+
 def run_tune(o: TuneOptions, exp: tracking.Experiment | None = None) -> dict[str, Any]:
     _check(o)
     space = load_space(o.space_file, o.profile)  # every check before anything is created
     data = fer.load_training(o.study.data)
     exp = exp or tracking.setup(None)
-    spec = hashlib.sha1(Path(o.space_file).read_bytes()).hexdigest()[:6]
-    stem = Path(o.space_file).stem
-    # The file's name, once: `tune-quick-...` for tune.yaml, `tune-myspace-quick-...` for others.
-    name = o.study.study_name or "-".join(dict.fromkeys(
-        ["tune", stem, o.profile, data.digest[-6:], spec]))
-    opened = lifecycle.open_study(o.study, exp, name, (
-        f"Optuna search `{name}` ({space.profile} profile) over {space.path.name}. The parent "
-        f"run `tune {name}` holds the best config, the history and importance plots and the "
-        f"trials table; each child run is one trial, tagged `state` complete, pruned or "
-        f"failed, and holds no test metric."), sampler=space.sampler(), pruner=space.pruner())
-    if opened.created:
-        with opened.setting_up():
-            set_up_parent(opened, space)
-    opened.ready("parent_run_id")
+    name = o.study.study_name or lifecycle.study_name("tune", o.space_file, o.profile,
+                                                      data.digest, fingerprint(space))
+    opened = lifecycle.open_or_join(
+        o.study, exp, name, search_description(name, space),
+        lambda op: set_up_parent(op, space),
+        # Joiners of searches begun before `ready` was set wait on the parent run alone.
+        ready="parent_run_id", sampler=space.sampler(), pruner=space.pruner())
     st = opened.study
     print(f"study {name}: {len(counted(st))} of {o.n_trials} trials finished", flush=True)
     mine = work(st, space, data, o)
@@ -533,25 +354,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="fresh seeds for --retrain-best (seed+1, seed+2, ...)")
     p.add_argument("--seed", type=Number(SEED), default=0, help="training seed of every trial")
     p.add_argument("--out-dir", default="tune_report")
-    p.add_argument("--threads", type=Number(WHOLE_1, words={"auto": None}), default=None,
-                   metavar="auto|N", help="torch CPU threads (default auto: all cores); split "
-                   "the cores when several workers share this machine")
     a = p.parse_args(argv)
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
-    profile = lifecycle.resolve_profile(a.profile)
-    load_space(a.space, profile)  # a bad file: before any store is created or migrated
-    fer.check_source(a.data)
-    exp = tracking.setup(a.experiment)
-    tracking.sweep_dead_runs()
-    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    try:
-        s = run_tune(TuneOptions(lifecycle.options(a), a.space, profile,
-                                 a.n_trials, a.timeout,
+    profile, exp = lifecycle.start(a, lambda prof: load_space(a.space, prof))
+    with lifecycle.resumable("pipeline.tune", argv):
+        s = run_tune(TuneOptions(lifecycle.options(a), a.space, profile, a.n_trials, a.timeout,
                                  a.seed, a.out_dir, a.retrain_best, a.retrain_seeds), exp)
-    except KeyboardInterrupt:
-        lifecycle.say_stopped("pipeline.tune", argv, under_mlflow_run)
-        raise
     print(json.dumps(s, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return 0
 

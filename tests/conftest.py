@@ -86,16 +86,77 @@ def store_template(tmp_path_factory) -> Path:
     return path
 
 
+# The tiers beside `fast`: a test in none of them is `fast` (python -m pytest -m fast).
+SLOWER = ("slow", "realdata", "postgres")
+# Processes a fast test may start, each in milliseconds: git (every run's commit) and sleep (a
+# live process of known pid).
+QUICK_PROCESSES = ("git", "sleep")
+NO_STORE = "no-store-in-this-test://"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh), each worker on its own share of the cores: the
+    processes its tests start inherit it, and the entry points size their thread pools to it,
+    so two workers' trainings never fight over one core (two pools on 2 cores each ran 25x
+    slower than one alone)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = len(cores) // workers
+    if share >= 1:
+        i = int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, cores[i * share:(i + 1) * share])
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in SLOWER):
+            item.add_marker(pytest.mark.fast)
+    # The longest first (the data-backed, then the other slow ones), so that two workers end
+    # together on short tests instead of one waiting out a long one alone.
+    items.sort(key=lambda item: (item.get_closest_marker("realdata") is None,
+                                 item.get_closest_marker("fast") is not None))
+
+
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch, store_template):
-    """Every test gets its own working directory, MLflow store, parse cache and checkpoints."""
-    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+def fast_stays_in_process(request, monkeypatch):
+    """A fast test that starts a Python process (seconds to import torch and MLflow) fails,
+    saying so, instead of slowing the fast tier down unseen."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    real = subprocess.Popen.__init__
+
+    def only_quick(self, args, *a, **kw):
+        first = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+        if Path(os.fsdecode(first).split()[0]).name not in QUICK_PROCESSES:
+            raise AssertionError(f"a fast test started a process ({args!r}): mark the test "
+                                 f"slow (tests/conftest.py, SLOWER)")
+        real(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", only_quick)
+
+
+@pytest.fixture(autouse=True)
+def isolated(request, tmp_path, monkeypatch):
+    """Every test gets its own working directory, parse cache and checkpoints, and, unless it is
+    marked ``no_store``, its own MLflow store (a copy of a migrated template). A ``no_store``
+    test that reaches MLflow fails at once on a tracking URI no store answers."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
+    if request.node.get_closest_marker("no_store"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", NO_STORE)
+        if "mlflow" in sys.modules:  # an earlier test's store is still MLflow's own setting
+            sys.modules["mlflow"].set_tracking_uri(NO_STORE)
+        yield tmp_path
+        return
+    shutil.copyfile(request.getfixturevalue("store_template"), tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -8,6 +8,9 @@ import torch
 from pipeline.augment import N_DRAWS, affine_matrices, augment_batch, warp
 from pipeline.config import Config
 
+# Pure logic: no MLflow store is made for these tests.
+pytestmark = pytest.mark.no_store
+
 
 def _centroid(img: torch.Tensor) -> tuple[float, float]:
     h, w = img.shape[-2:]

@@ -48,6 +48,7 @@ def test_bench_concurrent_measures_each_k_and_prints_its_table(tmp_path):
         table.stdout
 
 
+@pytest.mark.slow
 def test_bench_concurrent_refuses_a_k_below_one(tmp_path):
     from tests.conftest import run_cli
 

@@ -12,6 +12,9 @@ from pipeline.models import (BasicBlock, FerClassifier, IdentityResidual, build_
                              residual_blocks, residual_stages, supports_residual)
 from tests.conftest import ROOT
 
+# Pure logic: no MLflow store is made for these tests.
+pytestmark = pytest.mark.no_store
+
 STAGE_FILES = sorted((ROOT / "ablations" / "stages").glob("*.yaml"))
 
 
@@ -219,6 +222,7 @@ def test_classifier_takes_raw_pixels():
         assert torch.allclose(clf(raw.unsqueeze(1)), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_narrow_resnet_trains_on_odd_batches_on_this_cpu():
     """oneDNN's channels_last backward crashed the process here (exit 139) for the resnet at
     width .125 with batches of 3, 5 and 7 on AVX-512 CPUs; a subprocess, so a crash fails this
@@ -244,3 +248,16 @@ print("trained")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "trained" in r.stdout, (r.returncode, r.stderr[-1500:])
+
+
+def test_the_registry_has_every_stage_and_says_what_its_networks_are():
+    from pipeline.models import NETWORKS
+
+    assert set(NETWORKS) == set(STAGES)
+    for stage, net in NETWORKS.items():
+        model = build_model(build(ROOT / "ablations/stages" / f"{stage}.yaml", {"width": 0.25}))
+        projections = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+                       and m.kernel_size == (1, 1) and m.stride == (2, 2)]
+        # The first projection's inputs, as the CPU's channels-last guard reads them.
+        assert (projections[0].in_channels if projections else 0) == \
+            net.projection_inputs * 0.25, stage

@@ -177,6 +177,7 @@ def test_folder_resizes_and_greys_colour_images(tmp_path):
     assert data.usage.tolist() == ["Training"]
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_paragraph_without_traceback(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text(f"emotion,pixels,Usage\n{_row(label='x')}\n")
@@ -186,6 +187,7 @@ def test_cli_bad_input_is_one_paragraph_without_traceback(tmp_path):
     assert "line 2" in r.stderr and str(p) in r.stderr.replace("\n", " ")
 
 
+@pytest.mark.slow
 def test_parse_speed_note_on_real_file(dev_data):
     """The real dev file parses to the documented shape (timings live in pipeline.bench)."""
     d = fer.load(dev_data, use_cache=False)
@@ -195,6 +197,7 @@ def test_parse_speed_note_on_real_file(dev_data):
         3995, 436, 4097, 7215, 4830, 3171, 4965]
 
 
+@pytest.mark.slow
 def test_a_truncated_gzip_names_the_last_intact_line(tmp_path):
     text = csv_text(*make_faces({"Training": 60}))  # 420 rows
     whole = gzip.compress(text.encode())

@@ -10,7 +10,10 @@ import pytest
 
 from tests.conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Pure logic: no MLflow store is made for these tests.
+pytestmark = pytest.mark.no_store
+
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 # [text](target) and ![alt](target), outside code; a target up to whitespace or ")".
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 

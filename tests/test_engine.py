@@ -13,6 +13,9 @@ from pipeline.config import Config
 from pipeline.engine import Recipe, Runtime, TrainStep, build_optimizer, train_one_epoch
 from pipeline.models import build_model
 
+# Pure logic: no MLflow store is made for these tests.
+pytestmark = pytest.mark.no_store
+
 K = 7  # steps: two warm-up calls, the capturing call, four replays
 
 

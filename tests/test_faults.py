@@ -170,6 +170,7 @@ def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kagg
 
 @pytest.mark.parametrize("uri", ["postgresql://postgres@127.0.0.1:1/test",
                                  "http://127.0.0.1:1"])
+@pytest.mark.slow
 def test_an_unreachable_tracking_store_fails_in_one_line(kaggle_csv, uri):
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.train", "--config", BASIC, "--data", str(kaggle_csv),

@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import numbers
-from pipeline.ablate import load_study
+from pipeline.plan import load_study
 from pipeline.cli import Number, Parser
 from pipeline.config import RANGES, Config, build, parse_set
 from pipeline.errors import ConfigError, UsageError
@@ -306,6 +306,7 @@ def _is_number(text: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("entry, flag, kind", number_flags(),
                          ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.slow
 def test_every_number_flag_reads_a_number_in_range_and_refuses_the_rest_in_one_line(
         entry, flag, kind):
     @FUZZ
@@ -369,6 +370,7 @@ def test_every_numeric_config_key_reads_alike_in_yaml_and_in_set(key, tmp_path):
                           st.dictionaries(st.sampled_from(["quick", "set", "seeds", "epochs",
                                                            "with", "without", "lr", "tta"]),
                                           inner, max_size=3), max_leaves=8))
+@pytest.mark.slow
 def test_a_study_file_with_any_value_under_any_key_loads_or_is_one_line(section, value,
                                                                          tmp_path):
     """Values of every type under every top-level key of the study file (and an extra key):
@@ -395,6 +397,7 @@ def test_a_study_file_with_any_value_under_any_key_loads_or_is_one_line(section,
                           st.dictionaries(st.sampled_from(["type", "low", "high", "log", "name",
                                                            "seed", "choices", "epochs"]),
                                           inner, max_size=3), max_leaves=8))
+@pytest.mark.slow
 def test_a_search_file_with_any_value_anywhere_loads_or_is_one_line(path, value, tmp_path):
     d = yaml.safe_load((ROOT / "ablations/tune.yaml").read_text())
     node = d
@@ -440,6 +443,7 @@ def _tree(root: Path) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("entry, args", PATH_FLAGS, ids=lambda v: v if isinstance(v, str) else
                          " ".join(a for a in v if a.startswith("--")))
+@pytest.mark.slow
 def test_a_path_that_is_not_there_is_one_line_naming_it_and_creates_nothing(entry, args,
                                                                            kaggle_csv, tmp_path):
     @settings(max_examples=15)

@@ -46,6 +46,7 @@ def _centre(box) -> tuple[float, float]:
     return x + w / 2, y + h / 2
 
 
+@pytest.mark.slow
 def test_the_astronaut_is_found_on_her_face_and_read_as_she_looks(astronaut, tmp_path):
     Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
     r = run_cli("pipeline.predict", str(tmp_path / "astronaut.png"), "--annotate",
@@ -72,6 +73,7 @@ def test_the_astronaut_is_found_on_her_face_and_read_as_she_looks(astronaut, tmp
     assert (drawn[y + h // 2, x] != astronaut[y + h // 2, x]).any()
 
 
+@pytest.mark.slow
 def test_the_command_answers_as_the_served_model_does(astronaut, tmp_path, model):
     """The same photo through `predict` and through the pyfunc's photo input, as base64 text,
     as a data URL and as bytes: the same faces and probabilities."""
@@ -179,6 +181,7 @@ def _video(path, frames: int = 30, fps: float = 10.0, astronaut=None) -> None:
 @pytest.mark.parametrize("every, frames", [("5", [0, 5, 10, 15, 20, 25]),
                                            ("0.5s", [0, 5, 10, 15, 20, 25]),
                                            ("7", [0, 7, 14, 21, 28])])
+@pytest.mark.slow
 def test_a_video_is_sampled_as_asked_and_its_plot_written(astronaut, tmp_path, every, frames):
     _video(tmp_path / "clip.avi", astronaut=astronaut)
     r = run_cli("pipeline.predict", str(tmp_path / "clip.avi"), "--every", every,
@@ -196,6 +199,7 @@ def test_a_video_is_sampled_as_asked_and_its_plot_written(astronaut, tmp_path, e
     assert f"{len(frames)} frames sampled of 30" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_photo_without_a_face_gets_an_empty_list_and_a_line_saying_so(tmp_path):
     Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.jpg")
     r = run_cli("pipeline.predict", str(tmp_path / "coffee.jpg"))
@@ -210,6 +214,7 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_bad_files_are_one_line_each_and_a_folder_goes_on_past_them(astronaut, tmp_path):
     good = tmp_path / "photos" / "a.jpg"
     good.parent.mkdir()
@@ -237,6 +242,7 @@ def test_bad_files_are_one_line_each_and_a_folder_goes_on_past_them(astronaut, t
     assert "1 other file in folders skipped; 3 files could not be read" in r.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_folder_a_missing_path_and_a_fifo_are_refused_before_any_work(tmp_path):
     (tmp_path / "empty").mkdir()
     os.mkfifo(tmp_path / "pipe.jpg")
@@ -250,6 +256,7 @@ def test_an_empty_folder_a_missing_path_and_a_fifo_are_refused_before_any_work(t
 
 
 @pytest.mark.parametrize("every", ["0", "-3", "1.5", "0s", "fast", "nans"])
+@pytest.mark.slow
 def test_a_bad_sampling_rate_is_refused_by_the_parser(every, tmp_path):
     r = run_cli("pipeline.predict", str(tmp_path), "--every", every)
     assert r.returncode == 2 and "--every" in r.stderr and "Traceback" not in r.stderr
@@ -311,6 +318,7 @@ def test_the_detector_is_safe_to_share_between_threads(astronaut):
     assert all(np.array_equal(r, expected) for r in results)
 
 
+@pytest.mark.slow
 def test_with_an_experiment_the_results_are_also_a_run(astronaut, tmp_path):
     import mlflow
 

@@ -9,7 +9,7 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.ablate import fingerprint, load_study
+from pipeline.plan import fingerprint, load_study
 from tests.conftest import ROOT
 
 STORE = ROOT / "docs" / "ablation-full" / "store"

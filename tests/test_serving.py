@@ -90,6 +90,7 @@ def test_the_answer_is_the_network_on_normalised_pixels(folder):
     assert not np.allclose(served.probs(FACES), plain, atol=1e-4)  # TTA on: other views count
 
 
+@pytest.mark.slow
 def test_a_folder_carries_only_what_serving_imports(folder):
     """A fresh process loads the folder with its own code first on the path, as `mlflow models
     serve` does: every pipeline module it imports comes from the folder, and none is training,
@@ -315,6 +316,7 @@ def _runs() -> int:
     return len(mlflow.search_runs(search_all_experiments=True))
 
 
+@pytest.mark.slow
 def test_evaluate_names_a_damaged_model_folder_in_one_line(folder, tmp_path, kaggle_csv):
     import shutil
 
@@ -330,6 +332,7 @@ def test_evaluate_names_a_damaged_model_folder_in_one_line(folder, tmp_path, kag
     assert _runs() == 0
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_folder_as_its_predictions_file_before_logging(folder, tmp_path,
                                                                           kaggle_csv):
     from pipeline.errors import UsageError

@@ -75,11 +75,30 @@ def test_improved_scores_on_public_test_as_the_readme_says(dev_data):
     from pipeline import data as fer
     from pipeline.serving import load
 
+    from pipeline.models import view_probs
+
     ds = fer.load(dev_data)
     rows = ds.rows("PublicTest")
     model = load(str(SHIPPED))
-    acc = float((model.probs(ds.images[rows]).argmax(1) == ds.labels[rows]).mean())
-    plain = float((model.probs(ds.images[rows], tta=False).argmax(1) == ds.labels[rows]).mean())
-    # Its weights are stored in half precision; fp32 weights scored 0.6893 and 0.6721.
-    assert acc == pytest.approx(0.6893, abs=5e-5)
-    assert plain == pytest.approx(0.6723, abs=5e-5)
+    # Every view's probabilities in one pass of the scoring copy the model serves with: the
+    # first view is the original (the plain answer), their mean the TTA one.
+    clf = model.fast
+    x = torch.from_numpy(ds.images[rows][:, None].astype(np.float32)) / 255.0
+    with torch.no_grad():
+        views = [torch.stack(view_probs(clf.net, x[s:s + 256], clf.views, "symmetric"
+                                        if clf.symmetric else "unit")) for s in
+                 range(0, len(x), 256)]
+    per_view = torch.cat(views, dim=1)  # (views, N, 7)
+    served = model.probs(ds.images[rows][:256])  # the served path, on a batch
+    assert np.allclose(served, per_view[:, :256].mean(0).numpy(), atol=1e-5)
+    assert clf.tta and len(per_view) == 4
+    y = torch.from_numpy(ds.labels[rows])
+    acc = float((per_view.mean(0).argmax(1) == y).float().mean())
+    plain = float((per_view[0].argmax(1) == y).float().mean())
+    # Its weights are stored in half precision; fp32 weights scored 0.6893 and 0.6721. Another
+    # CPU's kernels may round a borderline face the other way: a few images of the 3,589 either
+    # way; serving without TTA, or a wrong normalisation, moves it by tens.
+    few = 4 / len(rows)
+    assert acc == pytest.approx(0.6893, abs=few)
+    assert plain == pytest.approx(0.6723, abs=few)
+    assert acc - plain > 10 * few  # TTA is what it serves by default

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline import sizing
-from pipeline.ablate import load_study
+from pipeline.plan import load_study
 from pipeline.errors import UsageError
 from tests.conftest import TINY, ablate_study
 
@@ -68,7 +68,7 @@ def sized_study(tmp_path: Path, spec: dict | None = None) -> Path:
 
 def _trained_size(out: dict) -> set[tuple[float, int]]:
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.study = '{out['study']}' and tags.cell != ''")
+                              filter_string=f"tags.study = '{out.study}' and tags.cell != ''")
     return {(float(r.data.params["data_fraction"]), int(r.data.params["epochs"])) for r in runs}
 
 
@@ -81,25 +81,25 @@ def test_a_budget_sizes_the_study_and_a_rerun_here_continues_it_where_another_ma
     said = capsys.readouterr().out
     assert "budget 30 min: 0.6 of each train split for 2 epoch(s)" in said
     assert _trained_size(out) == {(0.6, 2)}
-    parent = mlflow.get_run(out["parent_run_id"]).data.params
+    parent = mlflow.get_run(out.parent_run_id).data.params
     assert (parent["sizing_budget_min"], parent["sizing_data_fraction"],
             parent["sizing_epochs"]) == ("30", "0.6", "2")
     assert parent["sizing_machine"] == sizing.machine()
-    assert "budget 30 min; estimated at its start" in out["timing"]
+    assert "budget 30 min; estimated at its start" in out.timing
 
     # The same command again: the size stored on the study, not a new measurement.
     with monkeypatch.context() as m:
         m.setattr(sizing, "choose", lambda *a, **k: pytest.fail("measured again"))
         again = ablate_study(kaggle_csv, study, minutes=30)
-    assert again["study"] == out["study"] and again["trained"] == 0
-    assert f"continuing study {out['study']}, sized before" in capsys.readouterr().out
+    assert again.study == out.study and again.trained == 0
+    assert f"continuing study {out.study}, sized before" in capsys.readouterr().out
 
     # Another machine sizes its own study, and says so.
     monkeypatch.setattr(sizing, "machine", lambda: "a slower machine, 1 thread")
     elsewhere = ablate_study(kaggle_csv, study, minutes=30)
     said = capsys.readouterr().out
-    assert f"study {out['study']} in this storage was sized on {sizing.cpu_name()}" in said
-    assert elsewhere["study"] != out["study"]
+    assert f"study {out.study} in this storage was sized on {sizing.cpu_name()}" in said
+    assert elsewhere.study != out.study
 
 
 @pytest.mark.slow
@@ -115,24 +115,21 @@ def test_a_budget_the_floor_does_not_meet_runs_the_floor_and_says_how_long_it_ta
 
 
 def test_budget_off_and_a_profile_without_sizing_leave_the_study_as_it_is(kaggle_csv, tmp_path):
-    from pipeline.ablate import AblateOptions, Meter, size_to_budget
+    from pipeline.estimate import Meter, size_to_budget
     from pipeline.data import load_training
     from pipeline.study import StudyOptions
 
     study = sized_study(tmp_path)
     s = load_study(study, "smoke")
     data = load_training(kaggle_csv)
-    opts = AblateOptions(StudyOptions(str(kaggle_csv), f"sqlite:///{tmp_path}/q.db"), str(study),
-                         "smoke", minutes=None)
-    assert size_to_budget(opts, s, Meter(data)) is s
+    where = StudyOptions(str(kaggle_csv), f"sqlite:///{tmp_path}/q.db")
+    assert size_to_budget(s, Meter(data), None, {}, where) is s
     assert not (tmp_path / "q.db").exists()  # nothing is created to decide that
     plain = load_study(Path(__file__).parent.parent / "ablations/study.yaml", "smoke")
     with pytest.raises(UsageError, match="profile smoke of .* is not resized"):
-        size_to_budget(AblateOptions(opts.study, str(plain.path), "smoke", minutes=5), plain,
-                       Meter(data))
+        size_to_budget(plain, Meter(data), 5, {}, where)
     with pytest.raises(UsageError, match="pass --budget off to set --epochs"):
-        size_to_budget(AblateOptions(opts.study, str(study), "smoke", minutes=5,
-                                     budget={"epochs": 2}), s, Meter(data))
+        size_to_budget(s, Meter(data), 5, {"epochs": 2}, where)
 
 
 def test_the_quick_profile_is_sized_from_its_own_size_within_its_bounds():

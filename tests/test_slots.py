@@ -20,8 +20,9 @@ import torch
 
 from pipeline.ablate import concurrency
 from pipeline.config import Config
-from pipeline.engine import (EarlyStopping, RunDropout, Runtime, current_slot, evaluate_split,
-                             train_one_epoch)
+from pipeline.engine import EarlyStopping, Runtime, current_slot, train_one_epoch
+from pipeline.randomness import RunDropout
+from pipeline.scoring import evaluate_split
 from pipeline.errors import TrainingError
 from pipeline.slots import Pool, measure_concurrent
 from pipeline.study import Eta
@@ -40,6 +41,7 @@ DROPPY = Config(stage="improved", width=0.125, batch_size=16, epochs=3, augment=
                 normalize="symmetric", device="cpu", precision="fp32", seed=5)
 
 
+@pytest.mark.slow
 def test_a_seeded_solo_run_has_the_weights_it_had_when_it_drew_from_the_global_generator():
     """tests/data/solo_reference.pt holds the weights this run got when its initialisation and
     dropout drew from torch's global generator (saved by that version of the pipeline). A
@@ -128,7 +130,7 @@ class Unit:
                         g["lr"] = 1e30
                 train_one_epoch(t.step, t.gen, t.schedule)
                 va = evaluate_split(t.model, x[64:], y[64:], rt)
-                stopper.update(va["acc"], epoch, t.model)
+                stopper.update(va.acc, epoch, t.model)
                 self.epochs += 1
         except TrainingError as e:
             self.failure = str(e)
@@ -149,6 +151,7 @@ def _run(units: list[Unit], k: int) -> None:
     Pool(k).run(lambda slot: queue.pop(0) if queue else None)
 
 
+@pytest.mark.slow
 def test_units_interleaved_in_slots_train_exactly_as_each_alone(monkeypatch):
     """Four units on three slots with the CUDA graph stand-in: a dropout-heavy one, one that
     ends after its first epoch (its slot then takes the fourth), and one whose loss becomes
@@ -439,8 +442,10 @@ def test_a_data_set_another_run_inserted_meanwhile_is_logged_on_a_second_try(kag
     assert [i.dataset.digest for i in inputs] == [data.digest[-32:]]
 
 
+@pytest.mark.slow
 def test_auto_trains_one_unit_at_a_time_on_a_cpu_and_a_given_k_is_measured(tmp_path, capsys):
-    from pipeline.ablate import choose_slots, load_study
+    from pipeline.estimate import choose_slots
+    from pipeline.plan import load_study
 
     s = load_study(mini_study(tmp_path), "smoke")
     assert choose_slots(s, None) == (1, 1.0)

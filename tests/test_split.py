@@ -59,6 +59,7 @@ def test_unknown_usage_is_refused_for_split(tmp_path):
         make_split(fer.load(p))
 
 
+@pytest.mark.slow
 def test_split_run_contents(kaggle_gz):
     out = run_split(str(kaggle_gz), 0.2, 3)
     run = mlflow.get_run(out["run_id"])
@@ -83,6 +84,7 @@ def test_split_run_contents(kaggle_gz):
         np.testing.assert_array_equal(z["val"], s.val)
 
 
+@pytest.mark.slow
 def test_bad_data_leaves_no_run(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("emotion,pixels,Usage\n3,1 2 3,Training\n")

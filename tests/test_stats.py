@@ -9,20 +9,24 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline.stats import detectable_effect, holm, macro_f1, mean_ci, paired_effect, paired_t
+from pipeline.stats import (class_scores, detectable_effect, holm, mean_ci, paired_effect,
+                            paired_t)
 
+
+# Pure logic: no MLflow store is made for these tests.
+pytestmark = pytest.mark.no_store
 ON = {0: 0.671, 1: 0.684, 2: 0.662, 3: 0.690}
 OFF = {0: 0.659, 1: 0.653, 2: 0.666, 3: 0.668}
 
 
 def test_paired_effect_literal_values():
     e = paired_effect(ON, OFF)
-    assert e["n"] == 4
-    assert e["mean"] == pytest.approx(0.01525, abs=1e-12)
-    assert e["lo"] == pytest.approx(-0.0086139268159739, abs=1e-12)
-    assert e["hi"] == pytest.approx(0.03911392681597387, abs=1e-12)
-    assert e["t"] == pytest.approx(2.0337099811708375, rel=1e-12)
-    assert e["p"] == pytest.approx(0.13486095946194682, rel=1e-10)
+    assert e.n == 4
+    assert e.mean == pytest.approx(0.01525, abs=1e-12)
+    assert e.lo == pytest.approx(-0.0086139268159739, abs=1e-12)
+    assert e.hi == pytest.approx(0.03911392681597387, abs=1e-12)
+    assert e.t == pytest.approx(2.0337099811708375, rel=1e-12)
+    assert e.p == pytest.approx(0.13486095946194682, rel=1e-10)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10])
@@ -47,13 +51,13 @@ def test_interval_and_test_agree():
 
 def test_pairs_only_seeds_both_sides_have():
     e = paired_effect({0: 0.70, 1: 0.72, 2: 0.69}, {1: 0.70, 2: 0.68, 3: 0.50})
-    assert e["n"] == 2 and e["mean"] == pytest.approx(0.015)
+    assert e.n == 2 and e.mean == pytest.approx(0.015)
 
 
 def test_too_few_seeds_give_no_interval_or_p():
     e = paired_effect({0: 0.7}, {0: 0.6})
-    assert e["n"] == 1 and e["mean"] == pytest.approx(0.1)
-    assert math.isnan(e["lo"]) and math.isnan(e["p"])
+    assert e.n == 1 and e.mean == pytest.approx(0.1)
+    assert math.isnan(e.lo) and math.isnan(e.p)
 
 
 def test_no_p_from_differences_without_spread():
@@ -63,16 +67,17 @@ def test_no_p_from_differences_without_spread():
         t, p = paired_t(d)
         assert math.isnan(t) and math.isnan(p)
     e = paired_effect({0: 0.7, 1: 0.71}, {0: 0.69, 1: 0.70})
-    assert e["mean"] == pytest.approx(0.01) and math.isnan(e["p"])
-    assert math.isnan(e["detectable"])
+    assert e.mean == pytest.approx(0.01) and math.isnan(e.p)
+    assert math.isnan(e.detectable)
 
 
 def test_missing_metrics_are_left_out_not_propagated():
     e = paired_effect({0: 0.7, 1: math.nan, 2: 0.71}, {0: 0.6, 1: 0.6, 2: 0.62})
-    assert e["n"] == 2 and e["mean"] == pytest.approx(0.095)
+    assert e.n == 2 and e.mean == pytest.approx(0.095)
 
 
 @pytest.mark.parametrize("seeds", [2, 3, 5])
+@pytest.mark.slow
 def test_null_effect_is_rejected_at_about_its_level(seeds):
     """A component with no effect: each seed's accuracy with and without it differs only by
     training noise (sd 1.5 points per model). The test over seeds must reject in about 5% of
@@ -83,7 +88,7 @@ def test_null_effect_is_rejected_at_about_its_level(seeds):
     for _ in range(studies):
         on = dict(enumerate(rng.normal(0.68, 0.015, seeds)))
         off = dict(enumerate(rng.normal(0.68, 0.015, seeds)))
-        rejections += paired_effect(on, off)["p"] < 0.05
+        rejections += paired_effect(on, off).p < 0.05
     rate = rejections / studies
     # 4000 Bernoulli(.05) draws: sd of the rate is 0.0034; this band is about 4 sd wide.
     assert 0.036 < rate < 0.064, rate
@@ -127,8 +132,14 @@ def test_detectable_effect_literal_and_by_simulation():
 def test_macro_f1_averages_the_classes_the_labels_hold():
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 2, 3])  # class 3 predicted but absent; 4..6 absent
-    macro, f1 = macro_f1(y, pred, 7)
+    s = class_scores(y, pred, 7)
     # F1: class 0 = 2*1/(2+1) = .6667, class 1 = 2*2/(2+3) = .8, class 2 = 2*1/(2+1) = .6667
-    assert f1[:3] == pytest.approx([2 / 3, 0.8, 2 / 3])
-    assert np.isnan(f1[3:]).all()
-    assert macro == pytest.approx((2 / 3 + 0.8 + 2 / 3) / 3)
+    assert s.f1[:3] == pytest.approx([2 / 3, 0.8, 2 / 3])
+    assert np.isnan(s.f1[3:]).all()
+    assert s.macro_f1 == pytest.approx((2 / 3 + 0.8 + 2 / 3) / 3)
+    # Precision: 1/1, 2/3, 1/1, and 0/1 for class 3 (predicted once, never right); none for
+    # the classes never predicted. Recall: 1/2, 2/2, 1/2; none for the absent classes.
+    assert s.precision[:4] == pytest.approx([1, 2 / 3, 1, 0])
+    assert np.isnan(s.precision[4:]).all()
+    assert s.recall[:3] == pytest.approx([0.5, 1, 0.5]) and np.isnan(s.recall[3:]).all()
+    assert list(s.support) == [2, 2, 2, 0, 0, 0, 0]

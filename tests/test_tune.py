@@ -36,6 +36,7 @@ def trial_runs(study: str):
                               filter_string=f"tags.study = '{study}' and tags.role = 'trial'")
 
 
+@pytest.mark.slow
 def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, monkeypatch):
     from pipeline import tracking
 
@@ -75,6 +76,7 @@ def test_smoke_study_nested_runs_best_config_and_plots(kaggle_csv, tmp_path, mon
             assert set(z.files) == {"val", "val_tta", "val_labels"}
 
 
+@pytest.mark.slow
 def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
     sp = space_file(tmp_path)
     s = tune_study(kaggle_csv, sp, 2, study_name="rt", retrain=True, retrain_seeds=2, seed=0)
@@ -105,6 +107,7 @@ def test_retrain_compares_on_fresh_seeds_paired(kaggle_csv, tmp_path):
                                                 "'retrain-%'")) == 4
 
 
+@pytest.mark.slow
 def test_resume_up_to_n(kaggle_csv, tmp_path):
     sp = space_file(tmp_path)
     first = tune_study(kaggle_csv, sp, 2, study_name="resume")
@@ -165,6 +168,7 @@ def test_bad_space_is_refused(tmp_path, space_change, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.slow
 def test_unreachable_storage_and_tracking_fail_fast(kaggle_csv, tmp_path):
     r = run_cli("pipeline.tune", "--data", str(kaggle_csv), "--profile", "smoke",
                 "--storage", "postgresql://postgres@127.0.0.1:1/none")

@@ -1,4 +1,6 @@
-"""The five networks of the study, built by one factory from a Config.
+"""The five networks of the study, built by one factory from a Config. :data:`NETWORKS` is the
+registry: each stage's builder and what the rest of the pipeline must know of its network, so no
+other module tells stages apart by name.
 
 Four stages are plain conv stacks that differ only in their block layout and head, so one
 ``ConvNet`` expresses them; ``resnet`` is a ResNet-18 layout. The toggles apply across them:
@@ -9,6 +11,9 @@ without one is an error rather than a silent no-op.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -187,13 +192,33 @@ class ResNet(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
+@dataclass(frozen=True)
+class Network:
+    """A stage's network: its builder, and what other modules must know of it."""
+
+    build: Callable[[Config], nn.Module]
+    skips_built_in: bool = False  # residual connections are part of its architecture
+    # Input channels (at width 1) of a 1x1 stride-2 projection, where it has one: below 16,
+    # oneDNN's channels-last backward of such a conv fails on a CPU (engine.Runtime).
+    projection_inputs: int = 0
+
+
+def _conv_net(stage: str) -> Callable[[Config], nn.Module]:
+    return lambda cfg: ConvNet(ARCHS[stage], cfg)
+
+
+NETWORKS: dict[str, Network] = {
+    **{stage: Network(_conv_net(stage)) for stage in ARCHS},
+    "resnet": Network(ResNet, skips_built_in=True, projection_inputs=64),
+}
+
+
 def build_model(cfg: Config) -> nn.Module:
-    if cfg.stage == "resnet":
-        return ResNet(cfg)
-    if cfg.stage not in ARCHS:
+    net = NETWORKS.get(cfg.stage)
+    if net is None:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)}")
-    model = ConvNet(ARCHS[cfg.stage], cfg)
-    if cfg.residual and residual_blocks(model) == 0:
+    model = net.build(cfg)
+    if cfg.residual and not net.skips_built_in and residual_blocks(model) == 0:
         raise ConfigError(f"residual=true on stage {cfg.stage}: it has no pair of convs at a "
                           f"constant channel count (blocks {ARCHS[cfg.stage]['blocks']}), so "
                           f"there is nowhere for an identity skip; stages with one: "
@@ -203,7 +228,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 def supports_residual(stage: str) -> bool:
     """Whether ``residual`` changes this stage's network (it has a pair to skip around)."""
-    if stage == "resnet":
+    if NETWORKS[stage].skips_built_in:
         return True
     c, found = 1, False
     for channels in ARCHS[stage]["blocks"]:

@@ -6,7 +6,6 @@ against its bare network's forward pass, with and without TTA."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from .models import build_model
 # config's, the one the project serves.
 REFERENCE = Config().stage
 from .slots import measure_concurrent
+from .study import worker_threads
 
 
 def _images(data: fer.FerData | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +172,7 @@ def bench_concurrent(stage: str, overrides: dict, seconds: float,
     try:
         for k in ks:
             if cpu:
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // k))
+                torch.set_num_threads(worker_threads(1, k))
             try:
                 out[str(k)] = measure_concurrent(cfg, k, seconds)
             except torch.OutOfMemoryError:
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("Measure training/evaluation throughput per stage and data load times.")
     p.add_argument("--data", default=None, help="time parsing this file (default: a generated one)")
     p.add_argument("--seconds", type=Number(numbers.POSITIVE), default=10.0,
-                   help="timing window per measurement")
+                   help="about this many seconds per stage (its training and scoring rates, "
+                        "each the median of three windows) and per other measurement")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for every stage, e.g. --set width=0.5")

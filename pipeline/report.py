@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from . import findings, plots, tracking
 from . import study as lifecycle
+from .config import unflatten
 from .plan import StudyPlan, pairs
 from .stores import first_use_lock
 
@@ -41,7 +42,7 @@ def collect(st: optuna.Study) -> Collected:
                     if cells else None)
     for r in cells:
         out.by_cell[(r.data.tags["cell"], int(r.data.tags["seed"]))] = {
-            **r.data.metrics, "tta": r.data.params.get("tta") == "True"}
+            **r.data.metrics, "tta": unflatten(r.data.params).get("tta", False)}
         out.device = r.data.tags.get("device", out.device)
     out.failed = [{"cell": t.user_attrs.get("cell"), "seed": t.user_attrs.get("seed"),
                    "error": t.user_attrs.get("error", "worker lost")}

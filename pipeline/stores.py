@@ -30,7 +30,7 @@ def bound_retries() -> None:
 
 
 @contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
+def quick_http() -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in _QUICK}
     os.environ.update(_QUICK)
     try:
@@ -58,7 +58,7 @@ def check_reachable() -> None:
                 engine.connect().close()
             finally:
                 engine.dispose()
-        with _quick_http():
+        with quick_http():
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # MlflowException, OSError, sqlalchemy's and the drivers' errors
         if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:

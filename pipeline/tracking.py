@@ -23,9 +23,9 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from . import plots
-from .config import served_val_metric
-from .stores import (_QUICK, TrackingLost, check_reachable, first_use_lock, owner_alive,
-                     owner_tag, reachable)
+from .config import served_val_metric, unflatten
+from .stores import (TrackingLost, check_reachable, first_use_lock, owner_alive, owner_tag,
+                     quick_http, reachable)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fer2013"
@@ -209,8 +209,7 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
             mlflow.end_run("FAILED")
             raise
         # The store is gone: telling it the run failed would only wait out more retries.
-        os.environ.update(_QUICK)
-        with contextlib.suppress(Exception):
+        with quick_http(), contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise TrackingLost(
@@ -294,7 +293,7 @@ def log_npz(arrays: dict[str, np.ndarray], artifact_file: str) -> None:
 
 
 def _served_metric(run) -> str:
-    return served_val_metric(run.data.params.get("tta") == "True")
+    return served_val_metric(unflatten(run.data.params).get("tta", False))
 
 
 def served_val_acc(run) -> float | None:

@@ -228,7 +228,8 @@ def ablate_study(data: Path, study: Path, storage: str = "sqlite:///q.db", **kw)
     from pipeline.ablate import AblateOptions, run_ablate
     from pipeline.study import StudyOptions
 
-    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias") if k in kw}
+    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias",
+                                     "entry_run") if k in kw}
     exp = kw.pop("exp", None)
     return run_ablate(AblateOptions(StudyOptions(str(data), storage, **shared), str(study),
                                     kw.pop("profile", "smoke"), report_dir="rep", **kw), exp)
@@ -239,7 +240,8 @@ def tune_study(data: Path, space: Path, n_trials: int, storage: str = "sqlite://
     from pipeline.study import StudyOptions
     from pipeline.tune import TuneOptions, run_tune
 
-    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias") if k in kw}
+    shared = {k: kw.pop(k) for k in ("study_name", "heartbeat", "register", "alias",
+                                     "entry_run") if k in kw}
     exp = kw.pop("exp", None)
     return run_tune(TuneOptions(StudyOptions(str(data), storage, **shared), str(space),
                                 kw.pop("profile", "smoke"), n_trials, **kw), exp)

@@ -273,7 +273,8 @@ def test_a_study_whose_tracking_store_is_gone_stops_before_training(kaggle_csv, 
 def test_a_rerun_under_mlflow_run_completes_the_study_and_leaves_no_empty_run(
         kaggle_csv, tmp_path, monkeypatch):
     """What `mlflow run` does on a kill and a rerun: each invocation has its own entry run
-    (MLFLOW_RUN_ID); the first one's becomes the study's parent and is left FAILED."""
+    (MLFLOW_RUN_ID, which the command takes off the environment into its options); the first
+    one's becomes the study's parent and is left FAILED."""
     import pipeline.ablate as ablate
 
     client = mlflow.MlflowClient()
@@ -288,16 +289,14 @@ def test_a_rerun_under_mlflow_run_completes_the_study_and_leaves_no_empty_run(
         return real_train(*a, **k)
 
     first = client.create_run(exp, run_name="entry-1").info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", first)
     monkeypatch.setattr(ablate, "train", killed_on_third_cell)
     with pytest.raises(KeyboardInterrupt):
-        ablate_study(kaggle_csv, study)
+        ablate_study(kaggle_csv, study, entry_run=first)
     client.set_terminated(first, "FAILED")  # `mlflow run` saw its command die
 
     monkeypatch.setattr(ablate, "train", real_train)
     second = client.create_run(exp, run_name="entry-2").info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", second)
-    out = ablate_study(kaggle_csv, study)
+    out = ablate_study(kaggle_csv, study, entry_run=second)
     client.set_terminated(second, "FINISHED")  # `mlflow run` ends its own run
 
     assert out.parent_run_id == first and out.trained == 2

@@ -261,3 +261,13 @@ def test_the_registry_has_every_stage_and_says_what_its_networks_are():
         # The first projection's inputs, as the CPU's channels-last guard reads them.
         assert (projections[0].in_channels if projections else 0) == \
             net.projection_inputs * 0.25, stage
+
+
+def test_logged_params_read_back_as_the_config_they_came_from():
+    from pipeline.config import flatten, unflatten
+
+    cfg = Config(stage="basic", lr=3e-4, tta=False, epochs=7, width=0.5, grad_clip=1.0)
+    logged = {**flatten(cfg), "n_train": "5", "data_digest": "abc"}  # as MLflow keeps them
+    assert all(isinstance(v, str) for v in logged.values())
+    assert unflatten(logged) == cfg.to_dict()  # "False" is False, "0.0003" is 3e-4, ...
+    assert unflatten({"tta": "True"}) == {"tta": True}

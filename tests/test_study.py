@@ -297,3 +297,20 @@ def test_a_study_parent_has_an_owner_from_its_first_write_and_outlives_it():
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_the_command_takes_the_entry_run_off_the_environment_and_the_library_leaves_it(
+        monkeypatch, tmp_path):
+    """Under `mlflow run` the entry run is in MLFLOW_RUN_ID: the command line moves it into its
+    options (a unit would otherwise resume it); opening a study from code leaves it be."""
+    p = argparse.ArgumentParser()
+    lifecycle.add_study_args(p, f"sqlite:///{tmp_path}/q.db")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "entry-run-id")
+    o = lifecycle.options(p.parse_args(["--data", "d.csv"]))
+    assert o.entry_run == "entry-run-id" and "MLFLOW_RUN_ID" not in os.environ
+
+    exp = tracking.setup(None)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "someone-else's")
+    opened = lifecycle.open_study(lifecycle.StudyOptions("d.csv", f"sqlite:///{tmp_path}/q.db"),
+                                  exp, "s", "a study")
+    assert opened.entry_run is None and os.environ["MLFLOW_RUN_ID"] == "someone-else's"

@@ -33,6 +33,9 @@ class StudyOptions:
     heartbeat: int = 20
     register: str | None = None
     alias: str = "best"
+    # Under `mlflow run`, the run it started for this command: the study's parent, or a worker
+    # filed under it. Never resumed by a unit.
+    entry_run: str | None = None
 
 
 def add_study_args(p: argparse.ArgumentParser, default_storage: str,
@@ -124,5 +127,9 @@ def say_stopped(module: str, argv: list[str] | None, under_mlflow_run: bool) -> 
 def options(a: argparse.Namespace) -> StudyOptions:
     if a.heartbeat < 1:
         raise UsageError(f"--heartbeat must be at least 1 second, got {a.heartbeat}.")
+    # Taken off the environment here, once, by the command: MLflow would otherwise resume it as
+    # the active run of every unit this process trains.
+    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
     return StudyOptions(data=a.data, storage=a.storage, study_name=a.study_name or None,
-                        heartbeat=a.heartbeat, register=a.register or None, alias=a.alias)
+                        heartbeat=a.heartbeat, register=a.register or None, alias=a.alias,
+                        entry_run=entry_run)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -71,8 +70,6 @@ def open_study(opts: StudyOptions, exp: tracking.Experiment, name: str, descript
     """Open the storage, give the study its experiment, and create or join the study."""
     storage = open_storage(opts.storage, opts.heartbeat)
     exp = tracking.use_study_experiment(exp, name, description)
-    # Under `mlflow run` the entry point's run is in the environment; units must not resume it.
-    entry_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                     **study_kwargs)
@@ -80,7 +77,7 @@ def open_study(opts: StudyOptions, exp: tracking.Experiment, name: str, descript
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, **study_kwargs)
         created = False
-    return Opened(study, created, exp, entry_run, opts.storage)
+    return Opened(study, created, exp, opts.entry_run, opts.storage)
 
 
 def open_or_join(opts: StudyOptions, exp: tracking.Experiment, name: str, description: str,

@@ -37,7 +37,7 @@ from .cli import Number, parser, run_main
 from .config import RANGES
 from .engine import Runtime, Slot
 from .errors import UsageError
-from .estimate import Meter, choose_slots, estimate, size_to_budget
+from .estimate import Meter, choose_slots, estimate, meter_for, size_to_budget
 from .numbers import WHOLE_1
 from .plan import Cell, LogModels, StudyPlan, fingerprint, label, load_study
 from .report import FULL_ANSWER, cells_view, report_once, study_description, timing_line
@@ -190,7 +190,7 @@ class CellWorker:
         s = self.s
         k, speedup = choose_slots(s, self.concurrent)
         self.pool = Pool(k, Runtime(s.config(s.cells[0], 0)).device)
-        self.eta = estimate(s, self.meter or Meter(self.data),
+        self.eta = estimate(s, meter_for(s, self.data, self.meter),
                             [(c.name, sd) for c in s.cells for sd in range(s.seeds)], k, speedup)
         left_s = self.eta.left(self.left())
         if "estimate_s" not in self.st.user_attrs:  # the study's start, for its end line
@@ -206,7 +206,12 @@ class CellWorker:
         t = lifecycle.claim(self.st)
         if t is None:
             return None
+        # Nothing between the claim and the unit: a stop in that gap would leave the unit
+        # RUNNING until its heartbeat went stale (a minute), not back in the queue at once.
         cell, seed = self.by_name[t.user_attrs["cell"]], int(t.user_attrs["seed"])
+        return lambda: self.run_unit(slot, trial_id(t), cell, seed)
+
+    def say_start(self, slot: Slot, cell: Cell, seed: int) -> None:
         with self.lock:
             finished, still = self.progress()
         # Its place in the study: after the finished units and those training now, this one
@@ -215,25 +220,22 @@ class CellWorker:
         where = f" in slot {slot.index + 1}" if slot.concurrent else ""
         print(f"[{k}/{self.total}] {cell.name} seed {seed}{where} (about {still} left)",
               flush=True)
-        return lambda: self.run_unit(slot, trial_id(t), cell, seed)
 
     def run_unit(self, slot: Slot, tid: int, cell: Cell, seed: int) -> None:
-        slot.label = f"{cell.name} s{seed}"
-        t0 = time.time()
-
         def run_of() -> str | None:
             run = find_run(self.st.study_name, cell=cell.name, seed=seed)
             return run.info.run_id if run is not None else None
 
         with lifecycle.unit(self.st, tid, self.heartbeat, f"cell {cell.name} seed {seed}",
                             bugs=self.bugs, run_of=run_of) as out:
+            slot.label, t0 = f"{cell.name} s{seed}", time.time()
+            self.say_start(slot, cell, seed)
             res = run_cell(self.s, self.st.study_name, cell, seed, self.data, self.parent)
             storage_of(self.st).set_trial_user_attr(tid, "run_id", res.run_id)
             out.value = res.metrics.get("val_acc", res.val_acc or 0.0)
         with self.lock:
             if out.state == "complete":
                 self.eta.finished((cell.name, seed), time.time() - t0)
-            if out.state == "complete":
                 self.counts.trained += 1
             else:
                 self.counts.failed += 1

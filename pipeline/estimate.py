@@ -22,16 +22,24 @@ from .scoring import figures_seconds, predicted_work
 from .slots import best_k, measure_concurrent
 
 
-class Meter:
-    """Each of a study's networks measured once on this machine (about a second
-    each), and a unit's predicted seconds from them: the images ``train.predicted_work`` says it
-    trains and scores, over the rates they go at here, plus the run's own fixed costs."""
+# A study predicted to take less than this, from a glance at each network, is not measured
+# more closely: a closer measurement would cost more of it than its estimate could gain.
+GLANCE_ENOUGH_S = 120.0
 
-    def __init__(self, data: fer.FerData):
+
+class Meter:
+    """Each of a study's networks measured once on this machine (``seconds`` each, about a
+    second by default), and a unit's predicted seconds from them: the images
+    ``scoring.predicted_work`` says it trains and scores, over the rates they go at here, plus
+    the run's own fixed costs."""
+
+    def __init__(self, data: fer.FerData, seconds: float = 1.0,
+                 fixed_s: float | None = None):
         self.n_training = int((data.usage == "Training").sum())
         self.n_test = int((data.usage == "PublicTest").sum())
+        self.measure_s = seconds
         self.rates: dict[tuple, Rates | None] = {}
-        self._fixed_s: float | None = None
+        self._fixed_s = fixed_s
 
     @property
     def fixed_s(self) -> float:
@@ -46,7 +54,7 @@ class Meter:
                cfg.precision, cfg.device)
         if net not in self.rates:
             try:
-                self.rates[net] = measure_rates(cfg, seconds=1.0)
+                self.rates[net] = measure_rates(cfg, seconds=self.measure_s)
             except Exception:  # noqa: BLE001 (a cell that cannot train meets it again as its
                 self.rates[net] = None  # unit, which records it or reports the bug)
         return self.rates[net]
@@ -58,6 +66,18 @@ class Meter:
         w = predicted_work(cfg, self.n_training, self.n_test)
         return (w.trained / r.train + w.validated / r.score + w.final / r.score_fp32
                 + self.fixed_s)
+
+
+def meter_for(s: StudyPlan, data: fer.FerData, meter: Meter | None = None) -> Meter:
+    """The meter a study's estimate reads: ``meter`` where it has measured already (to size
+    the study), else a glance at each network (a tenth of a second) where that predicts a short
+    study, else a measurement of about a second each."""
+    if meter is not None and meter.rates:
+        return meter
+    glance = Meter(data, seconds=0.1)
+    if study_seconds(s, glance) < GLANCE_ENOUGH_S:
+        return glance
+    return meter or Meter(data, fixed_s=glance.fixed_s)
 
 
 def estimate(s: StudyPlan, meter: Meter, keys: list[tuple[str, int]],

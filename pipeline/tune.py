@@ -121,10 +121,12 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
         trial = _ask(st, n_trials)
         if trial is None:
             continue
-        print(f"[{len(counted(st)) + 1}/{n_trials}] trial {trial.number}", flush=True)
+        # The unit begins at once: a stop between the ask and it would leave the trial RUNNING
+        # until its heartbeat went stale.
         with lifecycle.unit(st, trial_id(trial), o.study.heartbeat, f"trial {trial.number}",
                             tell=lambda state, v, t=trial: st.tell(t, v, state=state),
                             bugs=bugs, run_of=lambda n=trial.number: _run_id(st, n)) as out:
+            print(f"[{len(counted(st)) + 1}/{n_trials}] trial {trial.number}", flush=True)
             out.value = run_trial(st, space, data, trial, o.seed)
         mine[out.state] += 1
         run = find_run(st.study_name, trial=trial.number)

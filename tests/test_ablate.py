@@ -558,6 +558,13 @@ def test_a_stopped_study_says_the_command_that_continues_it_and_that_command_doe
     hint = re.search(r"continue the study with `([^`]+)`", out).group(1)
     assert hint == (f"python -m pipeline.ablate --data {kaggle_csv} --study {study} "
                     f"--profile smoke --storage sqlite:///q.db")
+    # The unit it had just begun went back to the queue at once: none is left RUNNING for its
+    # heartbeat to go stale (a minute the continuing command would wait out).
+    st = optuna.load_study(study_name=re.search(r"study (\S+): ", "".join(seen)).group(1),
+                           storage=f"sqlite:///{tmp_path}/q.db")
+    states = [tr.state for tr in st.get_trials(deepcopy=False)]
+    assert optuna.trial.TrialState.RUNNING not in states and states.count(
+        optuna.trial.TrialState.COMPLETE) == 1, states
     args = shlex.split(hint)
     r = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True,
                        text=True, timeout=900)

@@ -24,15 +24,16 @@ def test_bench_times_a_cold_parse_then_a_cache_hit_in_a_cache_of_its_own(kaggle_
 
 
 @pytest.mark.slow
-def test_bench_concurrent_measures_each_k_and_prints_its_table(tmp_path):
+def test_bench_concurrent_measures_each_k_and_prints_its_table(tmp_path, kaggle_csv):
     import json
     import re
 
     from tests.conftest import run_cli
 
     # No stage of its own to time: --concurrent measures the reference stage alone.
-    args = ["--stages", "", "--set", "width=0.125", "--seconds", "0.3", "--model-uri", "",
-            "--concurrent", "1,2"]
+    # Small batches and a small file: a measurement of seconds, not a benchmark.
+    args = ["--stages", "", "--set", "width=0.125", "--set", "batch_size=16", "--seconds",
+            "0.3", "--model-uri", "", "--concurrent", "1,2", "--data", str(kaggle_csv)]
     r = run_cli("pipeline.bench", *args, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])["concurrent"]

@@ -154,3 +154,20 @@ def test_a_profile_that_leaves_its_epochs_unset_is_sized_from_the_floor(tmp_path
     s = load_study(study, "smoke")
     assert "epochs" not in s.budget and s.bounds.epochs == (1, 2)
     assert sizing.path(s.bounds, s.bounds.epochs[0])[:2] == [(0.2, 1), (0.25, 1)]
+
+
+@pytest.mark.slow
+def test_a_short_study_is_estimated_from_a_glance_and_a_long_one_is_measured(
+        kaggle_csv, tmp_path, monkeypatch):
+    from pipeline import estimate
+    from pipeline.data import load_training
+
+    s = load_study(sized_study(tmp_path), "smoke")
+    data = load_training(kaggle_csv)
+    short = estimate.meter_for(s, data)
+    assert short.measure_s == 0.1 and len(short.rates) == 2  # its two networks, glanced at
+    assert estimate.meter_for(s, data, short) is short  # measured already: read as it is
+    monkeypatch.setattr(estimate, "GLANCE_ENOUGH_S", 0.0)  # every study is a long one now
+    long = estimate.meter_for(s, data)
+    assert long.measure_s == 1.0 and not long.rates  # measured closely when first read
+    assert long.fixed_s > 0  # the glance's figures timing, not drawn again

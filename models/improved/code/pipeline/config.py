@@ -230,6 +230,20 @@ def flatten(cfg: Config) -> dict[str, str]:
     return {k: str(v) for k, v in cfg.to_dict().items()}
 
 
+def unflatten(params: dict[str, str]) -> dict[str, Any]:
+    """A run's logged params read back as the config's types (``flatten`` wrote them as text),
+    the one place they are parsed; params that are not config keys are left out."""
+    defaults = Config().to_dict()
+    out: dict[str, Any] = {}
+    for k, text in params.items():
+        if k not in defaults:
+            continue
+        kind = type(defaults[k])
+        out[k] = (text == "True" if kind is bool else kind(text) if kind in (int, float)
+                  else None if text == "None" else text)
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML. ``split_seed`` is written only where it differs from
     ``seed``: otherwise it followed the seed, and a study that reseeds this file (a tuned

@@ -4,7 +4,8 @@ as a work queue, one parent MLflow run, and workers on any number of machines.
 It owns the lifecycle both entry points go through:
 
 1. :func:`open_study`: the storage, the study's experiment, and creating or joining the study
-   (the entry run of ``mlflow run`` is taken off the environment so units never resume it);
+   (with the entry run of ``mlflow run``, which the command took off the environment into its
+   options so that no unit resumes it);
 2. :meth:`Opened.setting_up` (creator only) and :meth:`Opened.ready`: the creator writes the
    parent run and its queue; joiners wait until it is complete, then the entry run is filed
    under the parent;

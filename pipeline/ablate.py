@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from .numbers import WHOLE_1
 from .plan import Cell, LogModels, StudyPlan, fingerprint, label, load_study
 from .report import FULL_ANSWER, cells_view, report_once, study_description, timing_line
 from .slots import Pool
-from .study import StudyOptions, find_run, storage_of, trial_id
+from .study import StudyOptions, storage_of, trial_id
 from .train import RunResult, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +90,6 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
                        "toggle": cell.toggle or ""},
                  log_model=s.log_models == "all" or (s.log_models == "reference" and seed == 0
                                                      and cell.name == label(s.reference)))
-
-
 
 
 @dataclass
@@ -222,12 +221,9 @@ class CellWorker:
               flush=True)
 
     def run_unit(self, slot: Slot, tid: int, cell: Cell, seed: int) -> None:
-        def run_of() -> str | None:
-            run = find_run(self.st.study_name, cell=cell.name, seed=seed)
-            return run.info.run_id if run is not None else None
-
         with lifecycle.unit(self.st, tid, self.heartbeat, f"cell {cell.name} seed {seed}",
-                            bugs=self.bugs, run_of=run_of) as out:
+                            bugs=self.bugs, run_of=partial(lifecycle.run_id_of, self.st.study_name,
+                                                           cell=cell.name, seed=seed)) as out:
             slot.label, t0 = f"{cell.name} s{seed}", time.time()
             self.say_start(slot, cell, seed)
             res = run_cell(self.s, self.st.study_name, cell, seed, self.data, self.parent)

@@ -5,6 +5,7 @@ several train at once in one process). Scoring is :mod:`pipeline.scoring`."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import time
@@ -251,6 +252,12 @@ class Runtime:
                        and cfg.scheduler != "onecycle"
                        and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         self.cfg = cfg
+
+    def fp32(self) -> Runtime:
+        """The same runtime scoring in fp32, the precision a logged model serves in."""
+        out = copy.copy(self)
+        out.bf16 = False
+        return out
 
     def autocast(self, cache: bool = True):
         if not self.bf16:

@@ -95,11 +95,8 @@ def estimate(s: StudyPlan, meter: Meter, keys: list[tuple[str, int]],
 def study_seconds(s: StudyPlan, meter: Meter) -> float:
     """The whole study's predicted seconds on this machine, one unit at a time (a seed costs
     what seed 0 does), as the estimate printed at its start will say."""
-    per_seed = [meter.seconds(s.config(c, 0)) for c in s.cells]
-    known = [v for v in per_seed if math.isfinite(v)]
-    typical = sum(known) / len(known) if known else 0.0
-    return lifecycle.Eta.PRIOR * s.seeds * sum(v if math.isfinite(v) else typical
-                                               for v in per_seed)
+    seed0 = [(c.name, 0) for c in s.cells]
+    return s.seeds * estimate(s, meter, seed0).left(seed0)
 
 
 def _earlier_sizing(storage: str, minutes: float, base: str,

@@ -3,7 +3,6 @@ and ``pipeline.bench`` both read."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -45,8 +44,7 @@ def measure_rates(cfg: Config, seconds: float = 1.0, images: torch.Tensor | None
     opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
     step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg),
                      generators=rng.graphed_generators())
-    fp32 = copy.copy(rt)
-    fp32.bf16 = False
+    fp32 = rt.fp32()
     rates = []
     for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
                      lambda: predict(model, images, rt),

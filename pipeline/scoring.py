@@ -4,7 +4,6 @@ beside the code that does it)."""
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import time
@@ -128,8 +127,7 @@ def predicted_work(cfg: Config, n_training: int, n_test: int) -> Work:
 
 
 def final_scores(t: "Trainer", sp: "Splits") -> FinalScores:
-    rt = copy.copy(t.rt)
-    rt.bf16 = False
+    rt = t.rt.fp32()
     (xva, yva), (xte, yte) = sp.val, sp.test
     tr = evaluate_split(t.model, t.step.images, t.step.labels, rt)
     counts = torch.bincount(t.step.labels.cpu(), minlength=len(fer.EMOTIONS))

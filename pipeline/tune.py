@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,9 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
         # The unit begins at once: a stop between the ask and it would leave the trial RUNNING
         # until its heartbeat went stale.
         with lifecycle.unit(st, trial_id(trial), o.study.heartbeat, f"trial {trial.number}",
-                            tell=lambda state, v, t=trial: st.tell(t, v, state=state),
-                            bugs=bugs, run_of=lambda n=trial.number: _run_id(st, n)) as out:
+                            tell=lambda state, v, t=trial: st.tell(t, v, state=state), bugs=bugs,
+                            run_of=partial(lifecycle.run_id_of, st.study_name,
+                                           trial=trial.number)) as out:
             print(f"[{len(counted(st)) + 1}/{n_trials}] trial {trial.number}", flush=True)
             out.value = run_trial(st, space, data, trial, o.seed)
         mine[out.state] += 1
@@ -134,11 +136,6 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
             if out.reason:
                 mlflow.MlflowClient().set_tag(run.info.run_id, "error", out.reason[:500])
             mlflow.MlflowClient().set_tag(run.info.run_id, "state", out.state)
-
-
-def _run_id(st: optuna.Study, number: int) -> str | None:
-    run = find_run(st.study_name, trial=number)
-    return run.info.run_id if run is not None else None
 
 
 # --------------------------------------------------------------------------- the summary

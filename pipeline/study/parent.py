@@ -193,7 +193,14 @@ def unit_runs(study_name: str, **tags: Any):
     """A unit's runs so far: its finished run, if any (a worker that died after MLflow finished
     it, before the queue heard: it is reused, not trained again), and its latest run (a stopped
     one resumes from its checkpoint)."""
-    return find_run(study_name, "FINISHED", **tags), find_run(study_name, **tags)
+    done = find_run(study_name, "FINISHED", **tags)
+    return done, (None if done is not None else find_run(study_name, **tags))
+
+
+def run_id_of(study_name: str, **tags: Any) -> str | None:
+    """The id of a unit's latest run, where it began one (for its traceback)."""
+    run = find_run(study_name, **tags)
+    return run.info.run_id if run is not None else None
 
 
 def log_interval(parent: str, key: str, mean: float, lo: float, hi: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ from .config import RANGES
 from .engine import Runtime, Slot
 from .errors import UsageError
 from .estimate import Meter, choose_slots, estimate, meter_for, size_to_budget
-from .numbers import WHOLE_1
+from .numbers import WHOLE_1, NumberError
 from .plan import Cell, LogModels, StudyPlan, fingerprint, label, load_study
 from .report import FULL_ANSWER, cells_view, report_once, study_description, timing_line
 from .slots import Pool
@@ -94,16 +95,18 @@ def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.Fer
 
 @dataclass
 class Counts:
-    """What one worker did: units trained and failed, and whether it waited on other workers'
-    units (it took part in the study's end, so it may find the report built by another)."""
+    """What one worker did: units trained and failed, whether it waited on other workers'
+    units (it took part in the study's end, so it may find the report built by another), and
+    the units it left unstarted because none would finish before its deadline."""
 
     trained: int = 0
     failed: int = 0
     waited: bool = False
+    unstarted: int = 0
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(self.trained + other.trained, self.failed + other.failed,
-                      self.waited or other.waited)
+                      self.waited or other.waited, other.unstarted)
 
     @property
     def took_part(self) -> bool:
@@ -131,12 +134,16 @@ class AblateOutcome:
 class CellWorker:
     """Trains waiting cells, ``concurrent`` at once (None: as many as suit this device), until
     none is left and none is running anywhere, saying how long the rest will take as it goes.
-    Each slot takes the next waiting cell the moment its own ends."""
+    Each slot takes the next waiting cell the moment its own ends. With a ``deadline``, a slot
+    takes only a cell its estimate says will finish before it (less :data:`MARGIN_S`), and the
+    worker ends once no waiting cell would."""
 
     def __init__(self, st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
-                 concurrent: int | None = 1, meter: Meter | None = None):
+                 concurrent: int | None = 1, meter: Meter | None = None,
+                 deadline: lifecycle.Deadline | None = None):
         self.st, self.s, self.data, self.heartbeat = st, s, data, heartbeat
-        self.concurrent, self.meter = concurrent, meter
+        self.concurrent, self.meter, self.deadline = concurrent, meter, deadline
+        self.out_of_time = False
         self.by_name = {c.name: c for c in s.cells}
         self.parent = st.user_attrs["parent_run_id"]
         self.counts = Counts()
@@ -167,13 +174,15 @@ class CellWorker:
         with contextlib.ExitStack() as stack:
             while True:
                 lifecycle.fail_stale(self.st)
-                if self._in(TrialState.WAITING):
+                if self._in(TrialState.WAITING) and not self.out_of_time:
                     if self.pool is None:
                         self._begin(stack)
                     self.pool.run(self.take)
                     continue
                 running = self._in(TrialState.RUNNING)
-                if not running:
+                if not running or self.out_of_time:
+                    if self.out_of_time:
+                        self.counts.unstarted = len(self._in(TrialState.WAITING))
                     if self.counts.trained + self.counts.failed:
                         with self.lock:
                             self.progress()  # the bar ends on the finished count
@@ -198,12 +207,27 @@ class CellWorker:
         print(f"{len(self.left())} of {self.total} runs to train{at_once}: about "
               f"{lifecycle.duration(left_s)} on this machine (from a short measurement of each "
               f"network here)", flush=True)
+        if self.deadline is not None:
+            room = self.deadline.left() - MARGIN_S
+            print(f"time limit ({self.deadline.said()}): {lifecycle.duration(max(room, 0))} to "
+                  f"train in; a run starts only where its estimate ends within it"
+                  + ("" if left_s <= room else ", so not every run will start in this command"),
+                  flush=True)
         self.bar = stack.enter_context(lifecycle.study_bar(self.total, 0))
+
+    def fits(self, t) -> bool:
+        """Whether the unit of waiting trial ``t``, started now, ends before the deadline."""
+        if self.deadline is None:
+            return True
+        key = (t.user_attrs["cell"], int(t.user_attrs["seed"]))
+        return self.eta.unit(key) + MARGIN_S <= self.deadline.left()
 
     def take(self, slot: Slot):
         lifecycle.fail_stale(self.st)  # dead workers' cells go back to the queue
-        t = lifecycle.claim(self.st)
+        t = lifecycle.claim(self.st, self.fits if self.deadline is not None else None)
         if t is None:
+            if self.deadline is not None and self._in(TrialState.WAITING):
+                self.out_of_time = True
             return None
         # Nothing between the claim and the unit: a stop in that gap would leave the unit
         # RUNNING until its heartbeat went stale (a minute), not back in the queue at once.
@@ -237,11 +261,38 @@ class CellWorker:
                 self.counts.failed += 1
 
 
+# What a run may still need after its estimate ends: its last checkpoint and MLflow writes, and
+# the estimate's own error (within 15% on the CPUs measured).
+MARGIN_S = 30.0
+
+
 def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
-         poll: float = 5.0, concurrent: int | None = 1,
-         meter: Meter | None = None) -> Counts:
-    """:class:`CellWorker` until the queue is empty; this worker's counts."""
-    return CellWorker(st, s, data, heartbeat, concurrent, meter).run(poll)
+         poll: float = 5.0, concurrent: int | None = 1, meter: Meter | None = None,
+         deadline: lifecycle.Deadline | None = None) -> Counts:
+    """:class:`CellWorker` until the queue is empty (or, with a ``deadline``, until no waiting
+    unit would finish before it); this worker's counts. At the deadline itself the worker is
+    stopped as SIGTERM stops it: each run in flight ends KILLED with its last epoch kept."""
+    with _stop_at(deadline):
+        return CellWorker(st, s, data, heartbeat, concurrent, meter, deadline).run(poll)
+
+
+@contextlib.contextmanager
+def _stop_at(deadline: lifecycle.Deadline | None):
+    if deadline is None:
+        yield
+        return
+
+    def stop() -> None:
+        print(f"time limit reached ({deadline.said()}): stopping as SIGTERM does", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(max(deadline.left(), 0.0), stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # --------------------------------------------------------------------------- entry point
@@ -262,6 +313,8 @@ class AblateOptions:
     write_report: bool = True
     concurrent: int | None = 1  # units at once in this worker; None: auto
     minutes: float | str | None = None  # --budget: "auto" (the profile's on a CPU), None: off
+    deadline: lifecycle.Deadline | None = None  # --time-limit or the scheduler's job end
+    again: str = "the same command"  # the command that continues the study, in words
 
 
 def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> AblateOutcome:
@@ -287,7 +340,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
     helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
     try:
         counts = work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent,
-                      meter=meter)
+                      meter=meter, deadline=o.deadline)
     finally:
         for h in helpers:
             if h.wait() != 0:
@@ -295,11 +348,16 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
                       f"back to the queue", flush=True)
     out = AblateOutcome(name, s.profile, opened.parent, view, counts.trained, counts.failed,
                         [h.returncode for h in helpers])
+    if counts.unstarted:
+        return replace(out, timing=_out_of_time(opened.study, s, counts, o))
     if not o.write_report:
         return out
     if any(h.returncode != 0 for h in helpers):  # their cells came back: train them here
         counts += work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent,
-                       meter=meter)
+                       meter=meter, deadline=o.deadline)
+        if counts.unstarted:
+            return replace(out, trained=counts.trained, failed=counts.failed,
+                           timing=_out_of_time(opened.study, s, counts, o))
     text = report_once(opened.study, s, Path(o.report_dir), o.study.storage,
                        took_part=counts.took_part)
     timing = timing_line(opened.study, time.time() - began)
@@ -310,11 +368,27 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
                    timing=timing, registered=registered)
 
 
+def _out_of_time(st: optuna.Study, s: StudyPlan, counts: Counts, o: AblateOptions) -> str:
+    done = sum(t.state == TrialState.COMPLETE for t in st.get_trials(deepcopy=False))
+    return (f"study {st.study_name}: {o.deadline.source} came before the whole study: "
+            f"{done} of {len(s.cells) * s.seeds} runs finished ({counts.trained} by this "
+            f"command); {counts.unstarted} left unstarted, as none would finish before the "
+            f"limit. Continue the study with {o.again}.")
+
+
 # --seeds: a study of no seeds has no answer. An empty value (how `mlflow run` passes the
 # parameter left at its default) is not given: the study's own number.
 seed_count = Number(WHOLE_1)
 # --concurrent: auto (None) or a whole number of units at once.
 concurrency = Number(WHOLE_1, words={"auto": None})
+
+
+def time_limit(text: str) -> float | None:
+    """--time-limit: seconds, by the one rule for durations; empty is not given."""
+    try:
+        return lifecycle.parse_duration(text)
+    except NumberError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
@@ -325,6 +399,8 @@ def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
             "--heartbeat", str(o.study.heartbeat), "--log-models", s.log_models,
             "--threads", str(lifecycle.worker_threads(o.jobs, o.concurrent or 1)), "--no-report",
             "--concurrent", str(o.concurrent or "auto"), "--budget", "off"]
+    if o.deadline is not None:  # the same moment, whenever the helper starts
+        args += ["--time-limit", f"{max(int(o.deadline.left()), 1)}s"]
     # The size this worker chose (or was given): a helper never sizes the study again.
     chosen = {**o.budget, **({k: s.budget[k] for k in ("epochs", "data_fraction")}
                              if s.sized else {})}
@@ -367,10 +443,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="units this worker trains at once, each on its own thread (and CUDA "
                         "stream), each exactly as it trains alone; auto: 1 on a CPU, on a GPU "
                         "the K a short measurement finds fastest")
+    p.add_argument("--time-limit", type=time_limit, default=None, metavar="DURATION",
+                   help="stop by then (90s, 25m, 1h30m, 01:30:00; a bare number is minutes), "
+                        "counted from this command's start: a run starts only where its "
+                        "estimate ends in time, and the study says what is left and the command "
+                        "that continues it (default: none, or the SLURM job's end where set)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="build the report when the queue is empty (extra workers leave it to "
                         "the one that started them)")
     a = p.parse_args(argv)
+    started = time.time()
+    due = lifecycle.deadline(a.time_limit, started)
+    again = lifecycle.again("pipeline.ablate", argv, bool(os.environ.get("MLFLOW_RUN_ID")))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v is not None}
     # auto concurrency is 1 on a CPU, where the threads matter; on a GPU they hardly do.
@@ -379,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     with lifecycle.resumable("pipeline.ablate", argv):
         out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds,
                                        budget, a.report_dir, a.jobs, a.log_models or None,
-                                       a.report, a.concurrent, a.budget), exp)
+                                       a.report, a.concurrent, a.budget, due, again), exp)
     print(out.report)
     if out.timing:  # a helper started with --no-report leaves the end to its starter
         print(out.timing)

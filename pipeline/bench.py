@@ -30,7 +30,7 @@ from .models import build_model
 # The stage the plain recipe is compared on, and --concurrent measures by default: the default
 # config's, the one the project serves.
 REFERENCE = Config().stage
-from .slots import measure_concurrent
+from .slots import OutOfMemory, measure_concurrent
 from .study import worker_threads
 
 
@@ -175,7 +175,7 @@ def bench_concurrent(stage: str, overrides: dict, seconds: float,
                 torch.set_num_threads(worker_threads(1, k))
             try:
                 out[str(k)] = measure_concurrent(cfg, k, seconds)
-            except torch.OutOfMemoryError:
+            except OutOfMemory:
                 out[str(k)] = {"img_per_s": None, "error": "out of memory"}
                 break
             one = out[str(ks[0])]["img_per_s"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import re
 import threading
 import time
 from contextlib import nullcontext
@@ -23,6 +25,14 @@ from .models import NETWORKS, build_model
 from .config import OPTIMIZERS, SCHEDULERS, Config
 from .errors import ConfigError, TrainingError
 from .randomness import RunDropout, RunRandom, drawing_from
+
+
+# Graph-safe draws from a run's own CUDA generators: torch 2.5 to 2.13 need each generator
+# registered with the graph that draws from it; from 2.14 a capture registers every generator it
+# draws from itself, and the explicit call is a deprecated no-op that warns at every capture.
+TORCH_VERSION = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+LAZY_GENERATORS = TORCH_VERSION >= (2, 14)
+GRAPH_SAFE_RNG = LAZY_GENERATORS or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
 def build_net(cfg: Config, rt: "Runtime", rng: RunRandom) -> nn.Module:
@@ -133,17 +143,31 @@ def build_optimizer(cfg: Config, params, capturable: bool = False) -> torch.opti
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``opt.load_state_dict`` that keeps each group's lr the kind this optimizer was built
-    with: a checkpoint stores a capturable Adam's lr as a tensor (on the CPU once loaded), and a
-    captured graph must keep reading the device tensor it was built with."""
-    lrs = [g["lr"] for g in opt.param_groups]
+    """``opt.load_state_dict`` for the device this optimiser runs on now, whichever device wrote
+    the checkpoint. Torch keeps the saved groups' flags: a GPU run's capturable Adam resumed on
+    a CPU would ask the CPU for a capturable update, and a CPU run's resumed on a GPU would fail
+    its capture. So each group keeps the flags it was built with here, each ``step`` goes where
+    that kind of update reads it (the parameter's device when capturable, else the CPU), and
+    the lr stays the kind it was built as: a captured graph must keep reading the device
+    tensor it was built with, and a checkpoint's lr (a tensor, on the CPU once loaded) is
+    copied into it."""
+    built = [{k: g[k] for k in ("lr", "capturable", "foreach", "fused") if k in g}
+             for g in opt.param_groups]
     opt.load_state_dict(state)
-    for g, old in zip(opt.param_groups, lrs):
+    for g, was in zip(opt.param_groups, built):
+        g.update({k: v for k, v in was.items() if k != "lr"})
+        old = was["lr"]
         if isinstance(old, torch.Tensor):
             old.fill_(float(g["lr"]))
             g["lr"] = old
         else:
             g["lr"] = float(g["lr"])
+        on_device = bool(g.get("capturable") or g.get("fused"))
+        for p in g["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                opt.state[p]["step"] = (step.to(device=p.device, dtype=torch.float32)
+                                        if on_device else step.to("cpu"))
 
 
 class Schedule:
@@ -228,11 +252,37 @@ class EarlyStopping:
         self.__dict__.update(d)
 
 
+# The two cuBLAS workspace settings under which its results do not depend on the stream or the
+# run (torch's reproducibility notes); read when cuBLAS starts in a process.
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def deterministic_cublas(environ: Any = os.environ, cuda_started: bool | None = None) -> None:
+    """Make cuBLAS deterministic for a run that asks for determinism on a GPU: the workspace
+    setting goes in before CUDA starts, or the run is refused (set after, it would change
+    nothing, and torch would only warn at every matmul)."""
+    have = environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if have in DETERMINISTIC_CUBLAS:
+        return
+    started = torch.cuda.is_initialized() if cuda_started is None else cuda_started
+    if have is None and not started:
+        environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+        return
+    why = (f"it is {have!r}" if have is not None else
+           "it was not set when this process started CUDA")
+    raise ConfigError(f"deterministic=true on a GPU needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or "
+                      f":16:8) before CUDA starts, and {why}: run `export "
+                      f"CUBLAS_WORKSPACE_CONFIG=:4096:8` and start again, or set "
+                      f"deterministic=false.")
+
+
 class Runtime:
     """Device, precision and memory format, decided once per run."""
 
     def __init__(self, cfg: Config):
         self.device = resolve_device(cfg.device)
+        if cfg.deterministic and self.device.type == "cuda":
+            deterministic_cublas()  # before anything below starts CUDA
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
         projection = NETWORKS[cfg.stage].projection_inputs
@@ -247,10 +297,9 @@ class Runtime:
             self.channels_last = False
         # A CUDA graph replays one fixed kernel sequence: only where nothing in the step needs
         # the host (Adam's capturable update; schedulers that change the lr alone).
-        # A run's own dropout generator must be registered with its graph (torch >= 2.5).
+        # A run's own dropout generator must advance with each replay (GRAPH_SAFE_RNG).
         self.graphs = (cfg.cuda_graphs and self.device.type == "cuda" and cfg.optimizer == "adam"
-                       and cfg.scheduler != "onecycle"
-                       and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+                       and cfg.scheduler != "onecycle" and GRAPH_SAFE_RNG)
         self.cfg = cfg
 
     def fp32(self) -> Runtime:
@@ -293,13 +342,38 @@ class Recipe:
 
 
 _CAPTURE = threading.Lock()
+_CAPTURE_STREAMS: dict[int, Any] = {}
+
+
+def _capture_stream() -> "torch.cuda.Stream":
+    """The one stream every capture on the current device runs on (called under ``_CAPTURE``).
+
+    CUDA hands out streams from a pool of 32 per priority, in rotation: the 33rd low-priority
+    stream asked for is the first again. ``torch.cuda.graph``'s own default capture stream is
+    a low-priority one, so slots and warm-ups asking for theirs would, after 32 more, be given
+    it, and a warm-up that makes it wait on an event from outside the capture invalidates the
+    capture. This one is high-priority, which nothing else in the process asks for."""
+    dev = torch.cuda.current_device()
+    if dev not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[dev] = torch.cuda.Stream(priority=-1)
+    return _CAPTURE_STREAMS[dev]
+
+
+def _clear_cublas_workspaces() -> None:
+    # cuBLAS keeps a workspace per (handle, stream); one allocated during a capture lives in the
+    # graph's pool, and one made outside must not be captured into it. Torch's inductor clears
+    # them just before and after each of its captures for the same reason.
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 class CudaGraphs:
     """How a graphed :class:`TrainStep` runs its warm-up steps and captures its graph: warm-up
-    on a side stream (as capture requires), capture with ``torch.cuda.graph``. A stand-in with
-    the same two methods (capture records ``fn`` without running it, as CUDA does) lets the
-    step's logic be checked without a GPU.
+    on a side stream of its own (as capture requires), made once, and capture with
+    ``torch.cuda.graph`` on the process's one capture stream (:func:`_capture_stream`). A
+    stand-in with the same methods (capture records ``fn`` without running it, as CUDA does)
+    lets the step's logic be checked without a GPU.
 
     ``generators`` are the run's own CUDA generators the step draws from (dropout): a graph
     advances a generator's offset on each replay only if it is registered with it. Captures are
@@ -308,9 +382,12 @@ class CudaGraphs:
 
     def __init__(self, generators: tuple[torch.Generator, ...] = ()):
         self.generators = generators
+        self.side: Any = None
 
     def eager(self, fn: Callable[[], None]) -> None:
-        side = torch.cuda.Stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        side = self.side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn()
@@ -318,11 +395,16 @@ class CudaGraphs:
 
     def capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         graph = torch.cuda.CUDAGraph()
-        for g in self.generators:
+        for g in () if LAZY_GENERATORS else self.generators:
             graph.register_generator_state(g)
         mode = "thread_local" if current_slot().concurrent else "global"
-        with _CAPTURE, torch.cuda.graph(graph, capture_error_mode=mode):
-            fn()
+        with _CAPTURE:
+            _clear_cublas_workspaces()
+            try:
+                with torch.cuda.graph(graph, stream=_capture_stream(), capture_error_mode=mode):
+                    fn()
+            finally:
+                _clear_cublas_workspaces()
         return graph
 
 
@@ -412,6 +494,14 @@ class TrainStep:
             self.opt.zero_grad(set_to_none=True)
             self.graph = self.graphs.capture(lambda: self._body(self.idx, self.u, cache=False))
         self.graph.replay()
+
+    def release(self) -> None:
+        """Let the captured graph go (a run's end), under the capture lock: on torch 2.11 and
+        older a graph's destructor touches the default generator's registry without a lock of
+        its own, and another slot may be capturing."""
+        if self.graph is not None:
+            with _CAPTURE:
+                self.graph = None  # the last reference: the destructor runs here
 
 
 def train_one_epoch(step: TrainStep, gen: torch.Generator, schedule: Schedule | None = None,

@@ -55,8 +55,13 @@ class Meter:
         if net not in self.rates:
             try:
                 self.rates[net] = measure_rates(cfg, seconds=self.measure_s)
-            except Exception:  # noqa: BLE001 (a cell that cannot train meets it again as its
-                self.rates[net] = None  # unit, which records it or reports the bug)
+            except Exception as e:
+                # A cell that cannot train (its settings, its memory) meets that again as its
+                # unit, which records it. Anything else is raised here, before any unit: on a
+                # GPU a broken capture can leave the allocator unusable for the whole process.
+                if not lifecycle.units_own(e):
+                    raise
+                self.rates[net] = None
         return self.rates[net]
 
     def seconds(self, cfg: Config) -> float:

@@ -39,12 +39,21 @@ def measure_rates(cfg: Config, seconds: float = 1.0, images: torch.Tensor | None
         n = cfg.batch_size * 8  # a pass long enough that its fixed costs do not dominate
         images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=gen)
         labels = torch.randint(0, 7, (n,), generator=gen)
-    n = len(labels)
     model = build_net(cfg, rt, rng)
     opt = build_optimizer(cfg, model.parameters(), capturable=rt.graphs)
     step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device), Recipe.of(cfg),
                      generators=rng.graphed_generators())
     fp32 = rt.fp32()
+    try:
+        rates = _windows(step, model, images, rt, fp32, gen, seconds)
+    finally:
+        step.release()
+    return Rates(*rates, graphed=step.graphed)
+
+
+def _windows(step: TrainStep, model, images: torch.Tensor, rt: Runtime, fp32: Runtime,
+             gen: torch.Generator, seconds: float) -> list[float]:
+    n = len(step.labels)
     rates = []
     for one_pass in (lambda: train_one_epoch(step, gen, desc="measuring"),
                      lambda: predict(model, images, rt),
@@ -63,4 +72,4 @@ def measure_rates(cfg: Config, seconds: float = 1.0, images: torch.Tensor | None
                 torch.cuda.synchronize()
             windows.append(done / (time.perf_counter() - t0))
         rates.append(sorted(windows)[1])
-    return Rates(*rates, graphed=step.graphed)
+    return rates

@@ -143,15 +143,18 @@ def measure_concurrent(cfg: Config, k: int, seconds: float = 2.0,
         step = TrainStep(model, opt, rt, images.to(rt.device), labels.to(rt.device),
                          Recipe.of(cfg), generators=rng.graphed_generators())
         per_epoch = n - (n % cfg.batch_size if step.graphed else 0)
-        train_one_epoch(step, rng.order, desc="measuring")  # kernels, allocator, graph
-        _sync(rt)
-        ready.wait()
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds or not done[i]:
-            train_one_epoch(step, rng.order, desc="measuring")
-            done[i] += per_epoch
-        _sync(rt)
-        spans.append((t0, time.perf_counter()))
+        try:
+            train_one_epoch(step, rng.order, desc="measuring")  # kernels, allocator, graph
+            _sync(rt)
+            ready.wait()
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds or not done[i]:
+                train_one_epoch(step, rng.order, desc="measuring")
+                done[i] += per_epoch
+            _sync(rt)
+            spans.append((t0, time.perf_counter()))
+        finally:
+            step.release()
 
     def take(slot: Slot) -> Job | None:
         if not jobs:
@@ -174,26 +177,27 @@ def _sync(rt: Runtime) -> None:
         torch.cuda.current_stream().synchronize()
 
 
+# torch.OutOfMemoryError is the device-generic name from torch 2.5 on.
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def best_k(cfg: Config, candidates: tuple[int, ...] = (1, 2, 4, 8),
            seconds: float = 1.0) -> tuple[int, dict[int, float]]:
     """The number of slots that trains ``cfg``'s network fastest here, by a short measurement
     at each candidate; a larger K must beat the best smaller one by 10% to be chosen (more
     slots hold more memory and say less about any one run). A K that does not fit (out of
-    memory) or fails here ends the search at the best K before it."""
+    memory) ends the search at the best K before it. Any other failure is raised: a capture or
+    a stream that broke at some K may have left the device in a state (an allocator still in
+    capture mode) that no study should go on in."""
     rates: dict[int, float] = {}
     best = candidates[0]
     for k in candidates:
         try:
             rates[k] = measure_concurrent(cfg, k, seconds)["img_per_s"]
-        except torch.OutOfMemoryError:
-            break
-        except Exception as e:
+        except OutOfMemory:
             if k == candidates[0]:
                 raise
-            # Whatever keeps K runs from training side by side here, the study can still
-            # train one at a time: say so and go on.
-            print(f"concurrent auto: {k} units at once failed here ({type(e).__name__}: "
-                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+            print(f"concurrent auto: {k} units at once do not fit in this device's memory; "
                   f"staying at {best}", flush=True)
             break
         if rates[k] > 1.1 * rates[best]:

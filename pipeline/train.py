@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +64,14 @@ def _state_bytes(obj: Any) -> int:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     """Write beside the target and swap: a kill or a full disk mid-save leaves the previous
-    checkpoint intact and no partial file behind."""
+    checkpoint intact and no partial file behind. The temporary file is made new with a name
+    no one can guess (a link planted at a predictable name would redirect the write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -81,6 +86,18 @@ def _save_atomic(obj: Any, path: Path) -> None:
                 f"{free:.1f} MB free and the checkpoint needs about {need:.1f} MB "
                 f"({why}).") from None
         raise
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint as tensors and plain values only: unpickling could run any code that
+    someone able to write into the checkpoint folder put there."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TrainingError(f"{path}: not a checkpoint this pipeline writes (it holds objects "
+                            f"other than tensors and plain values: "
+                            f"{str(e).strip().splitlines()[0][:200]}); delete it to start the "
+                            f"run's epochs again.") from None
 
 
 def toggles_of(cfg: Config) -> str:
@@ -165,7 +182,7 @@ class Checkpoint:
     def load(self, cfg: Config, data: fer.FerData) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = _load_state(self.path)
         if state["config"] != cfg.to_dict():
             diff = sorted(k for k in cfg.to_dict() if state["config"].get(k) != getattr(cfg, k))
             raise ConfigError(f"{self.path}: the checkpoint of run {self.run_id} was made with "
@@ -245,6 +262,8 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
         if ckpt is not None:
             _say_stopped(ckpt, resume_command)
         raise
+    finally:
+        t.step.release()
     if result.state == "interrupted":
         # Not FINISHED: a worker or a report must never take a half-trained run for done.
         mlflow.MlflowClient().set_terminated(result.run_id, "KILLED")
@@ -254,7 +273,7 @@ def train(cfg: Config, data: fer.FerData, *, run_name: str | None = None,
 def _say_stopped(ckpt: Checkpoint, resume_command: str | None) -> None:
     """What a stop kept, as it is: a checkpoint and the epoch it holds, or none."""
     if ckpt.path.exists():
-        epoch = torch.load(ckpt.path, map_location="cpu", weights_only=False)["epoch"] + 1
+        epoch = _load_state(ckpt.path)["epoch"] + 1
         kept = f"its checkpoint after epoch {epoch} is kept"
     else:
         kept = "no epoch had been checkpointed yet, so it starts again from epoch 1"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from pipeline.data import EMOTIONS
@@ -112,7 +113,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
     for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
         if not any(item.get_closest_marker(m) for m in SLOWER):
             item.add_marker(pytest.mark.fast)
     # The longest first (the data-backed, then the other slow ones), so that two workers end

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -751,3 +752,65 @@ def test_a_bug_in_training_leaves_tracebacks_on_the_runs_and_three_stop_the_work
     name = last.split("'")[1]
     st = optuna.load_study(study_name=name, storage="sqlite:///q.db")
     assert sorted(t.state.name for t in lifecycle.settled(st)) == ["COMPLETE"] * 4
+
+
+class RoomForTwo:
+    """A deadline with room for two units: ample until two have finished, none after. It
+    follows the study's finished runs (an event), not the clock, so the split between trained
+    and left is the same on any machine."""
+
+    source = "--time-limit 1h"
+
+    def left(self) -> float:
+        done = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="tags.cell != '' and "
+                                                "attributes.status = 'FINISHED'")
+        return 1e6 if len(done) < 2 else 0.0
+
+    def said(self) -> str:
+        return self.source
+
+
+@pytest.mark.slow
+def test_a_time_limit_starts_only_what_fits_leaves_nothing_running_and_says_how_to_go_on(
+        kaggle_csv, tmp_path, monkeypatch, capsys):
+    from pipeline import ablate
+    from pipeline.cli import run_main
+
+    study = mini_study(tmp_path)
+    args = ["--data", str(kaggle_csv), "--study", str(study), "--profile", "smoke",
+            "--storage", "sqlite:///q.db", "--report-dir", str(tmp_path / "rep"),
+            "--time-limit", "1h"]
+    with monkeypatch.context() as m:
+        m.setattr(lifecycle, "deadline", lambda limit, started: RoomForTwo())
+        with pytest.raises(SystemExit) as stop:
+            run_main(ablate.main, args)
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "came before the whole study" in x)
+    assert "2 of 4 runs finished (2 by this command); 2 left unstarted" in line
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.cell != ''")
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 2  # none KILLED or RUNNING
+    name = re.search(r"study (\S+): --time-limit", line).group(1)
+    st = optuna.load_study(study_name=name, storage="sqlite:///q.db")
+    assert sorted(t.state.name for t in st.trials) == ["COMPLETE"] * 2 + ["WAITING"] * 2
+    command = re.search(r"Continue the study with `([^`]+)`", line).group(1)
+    assert command.startswith("python -m pipeline.ablate ")
+    with pytest.raises(SystemExit) as done:  # the printed command, without the stand-in
+        run_main(ablate.main, shlex.split(command)[3:])
+    assert done.value.code == 0
+    assert sorted(t.state.name for t in lifecycle.settled(st)) == ["COMPLETE"] * 4
+    assert "| batchnorm (added to reference) | 2 |" in capsys.readouterr().out
+
+
+def test_a_deadline_is_the_time_limit_or_the_slurm_job_s_end_whichever_comes_first():
+    assert lifecycle.deadline(None, 1000.0, {}) is None
+    assert lifecycle.deadline(90.0, 1000.0, {}).at == 1090.0
+    slurm = {"SLURM_JOB_END_TIME": "1050"}
+    assert lifecycle.deadline(None, 1000.0, slurm).source == "the SLURM job's end"
+    assert lifecycle.deadline(90.0, 1000.0, slurm).at == 1050.0
+    assert lifecycle.deadline(30.0, 1000.0, slurm).at == 1030.0
+    assert lifecycle.deadline(None, 1000.0, {"SLURM_JOB_END_TIME": "0"}) is None  # no limit
+    with pytest.raises(UsageError, match="SLURM_JOB_END_TIME is 'soon': expected"):
+        lifecycle.deadline(None, 1000.0, {"SLURM_JOB_END_TIME": "soon"})

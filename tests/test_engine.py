@@ -97,7 +97,7 @@ def test_graphed_step_updates_once_per_batch_like_the_eager_step():
     assert float(graphed.loss_sum) == pytest.approx(float(eager.loss_sum), rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_graph_steps_match_eager_steps_on_the_gpu():
     """k graphed steps beside k eager steps from the same state, and beside k eager steps with
     the capturing call's batch stepped twice (what the old capture did). The graphed weights
@@ -260,3 +260,115 @@ def test_loading_optimizer_state_keeps_the_lr_tensor_a_graph_reads():
     load_optimizer_state(plain, state())
     lr = plain.param_groups[0]["lr"]
     assert isinstance(lr, float) and lr == pytest.approx(3e-4)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu_to_the_epoch_of_an_unbroken_run():
+    """A GPU run's Adam is capturable (its lr a tensor, its groups' flags saying so); its
+    checkpoint, resumed on a CPU, must train the next epoch exactly as a run that never stopped.
+    Loaded as torch keeps them, the flags would ask the CPU for a capturable update."""
+    import io
+
+    from pipeline.train import Trainer
+
+    cfg = Config(stage="advanced", width=0.125, batch_size=16, epochs=2, augment=True,
+                 device="cpu", precision="fp32", seed=3)
+    torch.set_num_threads(1)
+    x, y = _data(48)
+    whole = Trainer(cfg, Runtime(cfg), x, y)
+    for _ in range(2):
+        train_one_epoch(whole.step, whole.gen, whole.schedule)
+        whole.next_epoch += 1
+    part = Trainer(cfg, Runtime(cfg), x, y)
+    train_one_epoch(part.step, part.gen, part.schedule)
+    part.next_epoch += 1
+    state = part.state_dict()
+    for g in state["optimizer"]["param_groups"]:  # as a GPU run's optimiser writes them
+        g.update(capturable=True, foreach=True, lr=torch.tensor(g["lr"]))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    again = Trainer(cfg, Runtime(cfg), x, y)
+    again.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
+    train_one_epoch(again.step, again.gen, again.schedule)
+    for (k, a), b in zip(whole.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def _data(n: int):
+    g = torch.Generator().manual_seed(11)
+    return (torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8, generator=g),
+            torch.randint(0, 7, (n,), generator=g))
+
+
+def test_determinism_on_a_gpu_sets_cublas_s_workspace_before_cuda_starts_or_refuses():
+    """cuBLAS reads its workspace setting once, when it starts: a run that asks for
+    determinism gets it set while CUDA has not started, and is refused in one line where it is
+    too late or set to a value under which cuBLAS is not deterministic."""
+    from pipeline.engine import deterministic_cublas
+    from pipeline.errors import ConfigError
+
+    env: dict[str, str] = {}
+    deterministic_cublas(env, cuda_started=False)
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    deterministic_cublas({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, cuda_started=True)  # set before
+    with pytest.raises(ConfigError, match="export CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        deterministic_cublas({}, cuda_started=True)
+    with pytest.raises(ConfigError, match="it is ':0:0'"):
+        deterministic_cublas({"CUBLAS_WORKSPACE_CONFIG": ":0:0"}, cuda_started=False)
+
+
+@pytest.mark.gpu
+def test_a_cpu_checkpoint_resumes_on_the_gpu_and_its_graph_captures():
+    """The other way round: a CPU run's plain Adam state, loaded into the capturable Adam of a
+    graphed GPU step, captures and trains an epoch with finite loss."""
+    import io
+
+    from pipeline.train import Trainer
+
+    cpu = Config(stage="improved", width=0.25, batch_size=16, epochs=2, augment=True,
+                 device="cpu", precision="fp32", seed=3)
+    x, y = _data(64)
+    part = Trainer(cpu, Runtime(cpu), x, y)
+    train_one_epoch(part.step, part.gen, part.schedule)
+    part.next_epoch += 1
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    gpu = dataclasses.replace(cpu, device="cuda")
+    t = Trainer(gpu, Runtime(gpu), x.cuda(), y.cuda())
+    t.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
+    out = train_one_epoch(t.step, t.gen, t.schedule)
+    assert t.step.graphed and t.step.graph is not None
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    t.step.release()
+
+
+@pytest.mark.gpu
+def test_a_graphed_step_with_dropout_captures_without_a_warning_and_each_replay_draws_anew():
+    """On this torch a capture registers the run's own dropout generator (explicitly before
+    2.14, by itself from 2.14, where the explicit call only warns); each replay must move the
+    generator on, or every step would drop the same elements."""
+    import warnings
+
+    from pipeline.randomness import RunRandom
+    from pipeline.engine import build_net
+
+    cfg = Config(stage="improved", width=0.25, batch_size=32, device="cuda", precision="fp32",
+                 conv_dropout=0.25, fc_dropout=0.5, augment=True)
+    rt = Runtime(cfg)
+    rng = RunRandom(0, rt.device)
+    model = build_net(cfg, rt, rng)
+    x, y = _data(32 * 8)
+    step = TrainStep(model, build_optimizer(cfg, model.parameters(), capturable=True), rt,
+                     x.cuda(), y.cuda(), Recipe.of(cfg), generators=rng.graphed_generators())
+    offsets = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for idx, u in _batches(len(y), 32, 6):
+            step(idx.cuda(), u.cuda())
+            torch.cuda.synchronize()
+            if step.graph is not None:
+                offsets.append(rng.dropout.get_offset())
+    assert len(offsets) == 6 - TrainStep.WARMUP + 1
+    assert all(b > a for a, b in zip(offsets, offsets[1:])), offsets
+    step.release()

@@ -35,7 +35,7 @@ ENTRY_POINTS = {"ablate": ["--data", "x"], "tune": ["--data", "x"],
 BASIC = str(ROOT / "ablations" / "stages" / "basic.yaml")
 MODEL = str(ROOT / "models" / "improved")
 # Flags whose value is more than a number, each with its own documented syntax.
-OWN_SYNTAX = {("predict", "--every")}
+OWN_SYNTAX = {("predict", "--every"), ("ablate", "--time-limit")}
 
 
 class _Parsed(Exception):

@@ -4,6 +4,7 @@ would alone, one unit's failure or early end touches no other, and a stop reache
 from __future__ import annotations
 
 import _thread
+import contextlib
 import dataclasses
 import os
 import re
@@ -20,7 +21,7 @@ import torch
 
 from pipeline.ablate import concurrency
 from pipeline.config import Config
-from pipeline.engine import EarlyStopping, Runtime, current_slot, train_one_epoch
+from pipeline.engine import EarlyStopping, Runtime, TrainStep, current_slot, train_one_epoch
 from pipeline.randomness import RunDropout
 from pipeline.scoring import evaluate_split
 from pipeline.errors import TrainingError
@@ -379,7 +380,7 @@ def test_sigterm_with_two_slots_busy_keeps_each_run_s_last_epoch_and_the_command
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_four_units_at_once_on_the_gpu_train_as_each_alone():
     """K=4 on one GPU, each unit on its own stream with its own CUDA graph and generators,
     against the same four trained one after another. Deterministic kernels (a fixed cuDNN
@@ -454,3 +455,139 @@ def test_auto_trains_one_unit_at_a_time_on_a_cpu_and_a_given_k_is_measured(tmp_p
     assert k == 2 and speedup > 0
     assert re.match(r"concurrent 2: [\d.]+x the training img/s of one unit at a time",
                     capsys.readouterr().out)
+
+
+class StreamPool:
+    """CUDA's streams as c10/cuda/CUDAStream.cpp hands them out: 32 per priority per device, in
+    rotation (the 33rd low-priority stream asked for is the first again), plus each thread's
+    current stream. Stands in for ``torch.cuda``'s stream and graph calls, and records which
+    stream each capture and each other use (a slot's own stream, a warm-up) ran on."""
+
+    SIZE = 32
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.asked = {"low": 0, "high": 0}
+        self.local = threading.local()
+        self.captures: list[tuple] = []
+        self.others: list[tuple] = []
+        pool = self
+
+        class Stream:
+            def __init__(self, device=None, priority=0, **_):
+                kind = "high" if priority < 0 else "low"
+                with pool.lock:
+                    self.key = (kind, pool.asked[kind] % pool.SIZE)
+                    pool.asked[kind] += 1
+
+            def wait_stream(self, other):
+                pass
+
+            def synchronize(self):
+                pass
+
+        class Graph:
+            def register_generator_state(self, g):
+                pass
+
+            def replay(self):
+                pass
+
+        class graph:  # torch.cuda.graph: a class-level default capture stream, made once
+            default_capture_stream = None
+
+            def __init__(self, cuda_graph, pool_=None, stream=None, capture_error_mode="global"):
+                if stream is None:
+                    if graph.default_capture_stream is None:
+                        graph.default_capture_stream = Stream()
+                    stream = graph.default_capture_stream
+                self.stream = stream
+
+            def __enter__(self):
+                pool.captures.append(self.stream.key)
+                self.saved = pool.current()
+                pool.local.current = self.stream
+
+            def __exit__(self, *exc):
+                pool.local.current = self.saved
+
+        self.Stream, self.Graph, self.graph = Stream, Graph, graph
+
+    def current(self):
+        return getattr(self.local, "current", None)
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        self.others.append(s.key)
+        saved = self.current()
+        self.local.current = s
+        try:
+            yield
+        finally:
+            self.local.current = saved
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "Stream", self.Stream)
+        monkeypatch.setattr(cuda, "CUDAGraph", self.Graph)
+        monkeypatch.setattr(cuda, "graph", self.graph)
+        monkeypatch.setattr(cuda, "stream", self.stream)
+        monkeypatch.setattr(cuda, "current_stream", lambda *a: self.current() or self.Stream())
+        monkeypatch.setattr(cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(cuda, "set_device", lambda d: None)
+        monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None, raising=False)
+
+
+def test_no_stream_a_capture_runs_on_is_handed_to_anything_else(monkeypatch):
+    """What a study's start and its units ask of the stream pool on a GPU: the measurement of
+    1, 2, 4 and 8 units at once (best_k), then 40 units at 8 slots, each a graphed step that
+    warms up, captures and replays, in the real Pool and CudaGraphs. Over 32 low-priority
+    streams are asked for; none of them may be a stream a capture ran on (a warm-up that made
+    it wait on an event from outside the capture would invalidate the capture)."""
+    from pipeline.engine import CudaGraphs, Recipe
+
+    pool = StreamPool()
+    pool.install(monkeypatch)
+    cfg = Config(stage="basic", batch_size=4, device="cpu", precision="fp32")
+    rt = Runtime(cfg)
+
+    def unit() -> None:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 7))
+        opt = torch.optim.Adam(model.parameters())
+        x, y = _data(0, 16)
+        step = TrainStep(model, opt, rt, x, y, Recipe.of(cfg), graphs=CudaGraphs())
+        train_one_epoch(step, torch.Generator().manual_seed(0))
+        assert step.graph is not None  # warmed up, captured and replayed
+        step.release()
+
+    def run(k: int, n: int) -> None:
+        jobs = [unit] * n
+        Pool(k, "cuda").run(lambda slot: jobs.pop() if jobs else None)
+
+    for k in (1, 2, 4, 8):
+        run(k, k)
+    run(8, 40)
+    assert pool.asked["low"] > StreamPool.SIZE and len(pool.captures) == 55
+    reused = set(pool.captures) & set(pool.others)
+    assert not reused, f"capture streams {sorted(reused)} were also given to slots or warm-ups"
+
+
+@pytest.mark.parametrize("error, ends", [(torch.OutOfMemoryError("CUDA out of memory"), True),
+                                         (RuntimeError("operation not permitted when stream is "
+                                                       "capturing"), False)])
+def test_best_k_stops_at_out_of_memory_and_raises_anything_else(monkeypatch, error, ends):
+    """Running out of memory at K=4 is an answer (K=2 is the most that fits); a capture that
+    broke at K=4 may have left the device unusable and must stop the study's start."""
+    from pipeline import slots
+
+    def measure(cfg, k, seconds):
+        if k == 4:
+            raise error
+        return {"img_per_s": 100.0 * k}
+
+    monkeypatch.setattr(slots, "measure_concurrent", measure)
+    if ends:
+        assert slots.best_k(DROPPY) == (2, {1: 100.0, 2: 200.0})
+    else:
+        with pytest.raises(RuntimeError, match="capturing"):
+            slots.best_k(DROPPY)

@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 from pipeline import study as lifecycle
 from pipeline import cli, tracking
 from pipeline.errors import RepeatedFailure, TrainingError, UsageError
+from pipeline.numbers import NumberError
+from pipeline.study import parse_duration
 
 
 @pytest.mark.parametrize("text, value", [("3", 3), ("3.0", 3), ("0", 0)])
@@ -314,3 +316,22 @@ def test_the_command_takes_the_entry_run_off_the_environment_and_the_library_lea
     opened = lifecycle.open_study(lifecycle.StudyOptions("d.csv", f"sqlite:///{tmp_path}/q.db"),
                                   exp, "s", "a study")
     assert opened.entry_run is None and os.environ["MLFLOW_RUN_ID"] == "someone-else's"
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("25m", 1500), ("1h30m", 5400), ("1h 30m 10s", 5410), ("0.5h", 1800),
+    ("01:30:00", 5400), ("5:30", 330), ("10", 600), ("2.5", 150), ("1e1s", 10)])
+def test_a_duration_reads_units_clock_time_or_bare_minutes(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "0s", "1x", "h", "1h30", "1:60:00", "1:30:60",
+                                  "1:2:3:4", "::", "nan", "inf", "٣m", "1e9", "true"])
+def test_a_duration_refuses_anything_else_naming_the_forms_it_takes(text):
+    with pytest.raises(NumberError, match=r"expected a duration such as 90s, 25m, 1h30m or "
+                                          r"01:30:00 \(a bare number is minutes\), got"):
+        parse_duration(text)
+
+
+def test_a_duration_not_given_is_none():
+    assert parse_duration("") is None and parse_duration(None) is None

@@ -15,6 +15,7 @@ from pipeline import data as fer
 from pipeline.config import STAGES, build
 from pipeline.evaluate import run_evaluate
 from pipeline.cli import UsageError
+from pipeline.errors import TrainingError
 from pipeline.train import train
 from tests.conftest import ROOT, TINY, csv_text, make_faces, run_cli, start_cli
 
@@ -309,3 +310,46 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(kaggle_csv, tmp_path):
     assert mlflow.get_run(run_id).info.status == "KILLED"
     saved = torch.load(tmp_path / "checkpoints" / f"{run_id}.pt", weights_only=False)
     assert saved["epoch"] + 1 == kept >= 1  # what it says it kept, it kept
+
+
+class _Planted:
+    """An object whose unpickling runs code: what a file planted in a checkpoint folder holds."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch planted-code-ran",))
+
+
+def test_a_checkpoint_holding_code_is_refused_and_its_code_never_runs(tmp_path, monkeypatch):
+    from pipeline.config import Config
+    from pipeline.train import Checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    ck = Checkpoint("0" * 32)
+    ck.path.parent.mkdir()
+    torch.save({"config": {}, "epoch": 0, "x": _Planted()}, ck.path)
+    with pytest.raises(TrainingError, match=r"not a checkpoint this pipeline writes"):
+        ck.load(Config(), None)
+    assert not (tmp_path / "planted-code-ran").exists()
+
+
+def test_a_checkpoint_write_never_follows_a_link_planted_beside_it(tmp_path, monkeypatch):
+    from pipeline.config import Config
+    from pipeline.train import Checkpoint
+
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    ck = Checkpoint("1" * 32)
+    ck.path.parent.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    for name in (ck.path.with_suffix(".tmp"), ck.path.parent / f".{ck.path.stem}.tmp"):
+        name.symlink_to(victim)
+
+    class Data:
+        digest = "d"
+
+    ck.save({"epoch": 0, "w": torch.ones(2)}, Config(), Data())
+    assert victim.read_text() == "mine"
+    assert torch.load(ck.path, weights_only=True)["epoch"] == 0

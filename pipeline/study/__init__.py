@@ -25,8 +25,9 @@ estimate and the bar).
 
 from __future__ import annotations
 
-from .command import (StudyOptions, add_study_args, options, resolve_profile,
-                      resumable, say_stopped, start, study_name, worker_threads)
+from .command import (Deadline, StudyOptions, add_study_args, again, deadline, options,
+                      parse_duration, resolve_profile, resumable, say_stopped, start, study_name,
+                      worker_threads)
 from .file import PROFILES, check_budget, read_study_file
 from .parent import (Opened, attach_entry_run, check_parent_here, create_parent,
                      find_run, finish_parent, log_interval, open_or_join, open_study,
@@ -37,7 +38,7 @@ from .queue import (OUT_OF_MEMORY, UNIT_FAILURES, BugCount, Heartbeat, Result,
                     unit, units_own, wait_for_others)
 
 __all__ = [
-    "StudyOptions", "add_study_args", "options", "resolve_profile", "say_stopped", "resumable",
+    "Deadline", "StudyOptions", "add_study_args", "again", "deadline", "parse_duration", "options", "resolve_profile", "say_stopped", "resumable",
     "start", "study_name", "worker_threads", "PROFILES", "check_budget", "read_study_file",
     "Opened", "attach_entry_run", "check_parent_here", "create_parent", "find_run",
     "finish_parent", "log_interval", "open_or_join", "open_study", "unit_runs", "run_id_of",

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,8 +21,9 @@ from .. import data as fer
 from .. import tracking
 from ..cli import Number
 from ..errors import UsageError
-from ..numbers import WHOLE_1
+from ..numbers import WHOLE_0, WHOLE_1, NumberError, Range, parse, shown
 from .file import PROFILES
+from .progress import duration
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,93 @@ def resolve_profile(profile: str) -> str:
     return "quick"
 
 
+def again(module: str, argv: list[str] | None, under_mlflow_run: bool) -> str:
+    """The exact command that continues a study, in words."""
+    return ("the same `mlflow run` command" if under_mlflow_run else
+            f"`{shlex.join(['python', '-m', module, *(sys.argv[1:] if argv is None else argv)])}`")
+
+
 def say_stopped(module: str, argv: list[str] | None, under_mlflow_run: bool) -> None:
     """What a stopped study kept, and the exact command that continues it."""
-    again = ("the same `mlflow run` command" if under_mlflow_run else
-             f"`{shlex.join(['python', '-m', module, *(sys.argv[1:] if argv is None else argv)])}`")
+    again_ = again(module, argv, under_mlflow_run)
     print(f"stopped: the study keeps every finished run, and the stopped ones go back to its "
-          f"queue; continue the study with {again}", file=sys.stderr, flush=True)
+          f"queue; continue the study with {again_}", file=sys.stderr, flush=True)
+
+
+# The longest limit taken: a year of seconds, well inside every clock this code reads.
+DURATION_MAX_S = 366 * 24 * 3600
+_UNITS = re.compile(r"(?:(?P<h>[^hms]+)h)?(?:(?P<m>[^hms]+)m)?(?:(?P<s>[^hms]+)s)?")
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from ``90s``, ``25m``, ``1h30m``, ``1h 30m 10s``, ``HH:MM:SS`` or ``MM:SS``, or a
+    bare number of minutes (as ``--budget`` and SLURM take them), ``None`` when not given. Each
+    part is a number by :func:`parse`'s rule; the whole is above zero and at most a year."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    bad = NumberError(f"expected a duration such as 90s, 25m, 1h30m or 01:30:00 (a bare "
+                      f"number is minutes), got {shown(value)}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3) or not all(parts):
+                raise bad
+            lead = [parse(p, WHOLE_0) for p in parts[:-1]]
+            secs = parse(parts[-1], Range(low=0, high=60, high_open=True))
+            if len(lead) == 2 and lead[1] >= 60:
+                raise bad
+            seconds = sum(v * 60 ** (len(parts) - 1 - i) for i, v in enumerate(lead)) + secs
+        elif text and (text[-1] in "hms"):
+            m = _UNITS.fullmatch(text)
+            if m is None or not any(m.groupdict().values()):
+                raise bad
+            seconds = sum(parse(v, Range(low=0)) * {"h": 3600, "m": 60, "s": 1}[k]
+                          for k, v in m.groupdict().items() if v is not None)
+        else:
+            seconds = parse(text, Range(low=0)) * 60
+    except NumberError:
+        raise bad from None
+    if not 0 < seconds <= DURATION_MAX_S:
+        raise bad
+    return float(seconds)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a study must have stopped (a Unix time), and what set it, in words."""
+
+    at: float
+    source: str
+
+    def left(self) -> float:
+        return self.at - time.time()
+
+    def said(self) -> str:
+        return f"{self.source}, at {time.strftime('%H:%M:%S', time.localtime(self.at))}"
+
+
+def deadline(limit_s: float | None, started: float,
+             environ: Any = os.environ) -> Deadline | None:
+    """The study's deadline: ``--time-limit`` counted from the command's start, or the end of
+    the scheduler's job where it states one (SLURM's ``SLURM_JOB_END_TIME``, a Unix time),
+    whichever comes first; None where neither is set. A job end that is not a time is refused
+    rather than ignored: the study would otherwise run into the job's kill."""
+    found = []
+    if limit_s is not None:
+        found.append(Deadline(started + limit_s, f"--time-limit {duration(limit_s)}"))
+    end = (environ.get("SLURM_JOB_END_TIME") or "").strip()
+    if end:
+        try:
+            at = float(end)
+        except ValueError:
+            raise UsageError(f"SLURM_JOB_END_TIME is {end!r}: expected the job's end as a Unix "
+                             f"time (seconds); unset it or pass --time-limit.") from None
+        if at > 0:  # SLURM writes 0 where the job has no limit
+            found.append(Deadline(at, "the SLURM job's end"))
+    return min(found, key=lambda d: d.at) if found else None
 
 
 def options(a: argparse.Namespace) -> StudyOptions:

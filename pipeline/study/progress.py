@@ -57,6 +57,10 @@ class Eta:
     def left(self, keys: list[Any]) -> float:
         return self.scale * sum(self.predicted[k] for k in keys) / self.speedup
 
+    def unit(self, key: Any) -> float:
+        """One unit's wall time from its start, beside the others trained at once."""
+        return self.scale * self.predicted[key] * self.slots / self.speedup
+
 
 class _AboveBars(io.TextIOBase):
     """Standard output printed above the progress bars, a whole line at a time, so that a bar

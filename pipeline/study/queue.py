@@ -28,7 +28,9 @@ Outcome = Literal["complete", "pruned", "failed"]
 # A unit that fails with one of these is recorded as failed, with its reason, and the study goes
 # on: what a run meets of its own (a diverging config, a cell its settings cannot build, data it
 # cannot read, no memory left). Anything else is a bug in the code, not in the unit (BugCount).
-UNIT_FAILURES = (*EXPECTED, torch.OutOfMemoryError, MemoryError)
+# (torch.OutOfMemoryError is the device-generic name from torch 2.5 on.)
+UNIT_FAILURES = (*EXPECTED, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+                 MemoryError)
 # A dead worker's trial comes back WAITING as a new trial (system attr `failed_trial`). Optuna
 # 4.9 renamed the callback and drops the old name in 6.0; the range allowed here has one or both.
 RETRY = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
@@ -130,10 +132,14 @@ def wait_for_others(running: int, what: str, poll: float) -> None:
     time.sleep(poll)
 
 
-def claim(study: optuna.Study) -> FrozenTrial | None:
-    """Take one waiting trial; the storage locks the row, so two workers never take the same."""
+def claim(study: optuna.Study,
+          fits: Callable[[FrozenTrial], bool] | None = None) -> FrozenTrial | None:
+    """Take one waiting trial (the first for which ``fits`` holds, where given); the storage
+    locks the row, so two workers never take the same."""
     storage = storage_of(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if fits is not None and not fits(t):
+            continue
         if storage.set_trial_state_values(trial_id(t), TrialState.RUNNING):
             # Beat at once: a RUNNING trial that never beat is never found stale, so a worker
             # killed right after claiming would hold its unit forever.

@@ -39,7 +39,7 @@ from .cli import Number, parser, run_main
 from .config import RANGES
 from .engine import Runtime, Slot
 from .errors import UsageError
-from .estimate import Meter, choose_slots, estimate, meter_for, size_to_budget
+from .estimate import Meter, Slots, choose_slots, estimate, meter_for, size_to_budget
 from .numbers import WHOLE_1, NumberError
 from .plan import Cell, LogModels, StudyPlan, fingerprint, label, load_study
 from .report import FULL_ANSWER, cells_view, report_once, study_description, timing_line
@@ -140,9 +140,9 @@ class CellWorker:
 
     def __init__(self, st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
                  concurrent: int | None = 1, meter: Meter | None = None,
-                 deadline: lifecycle.Deadline | None = None):
+                 deadline: lifecycle.Deadline | None = None, slots: Slots | None = None):
         self.st, self.s, self.data, self.heartbeat = st, s, data, heartbeat
-        self.concurrent, self.meter, self.deadline = concurrent, meter, deadline
+        self.concurrent, self.meter, self.deadline, self.slots = concurrent, meter, deadline, slots
         self.out_of_time = False
         self.by_name = {c.name: c for c in s.cells}
         self.parent = st.user_attrs["parent_run_id"]
@@ -196,10 +196,12 @@ class CellWorker:
     def _begin(self, stack: contextlib.ExitStack) -> None:
         """The slots, the estimate of the units left (said in a line) and the study's bar."""
         s = self.s
-        k, speedup = choose_slots(s, self.concurrent)
+        meter = meter_for(s, self.data, self.meter)
+        slots = self.slots or choose_slots(s, self.concurrent, meter)
+        k = slots.k
         self.pool = Pool(k, Runtime(s.config(s.cells[0], 0)).device)
-        self.eta = estimate(s, meter_for(s, self.data, self.meter),
-                            [(c.name, sd) for c in s.cells for sd in range(s.seeds)], k, speedup)
+        self.eta = estimate(s, meter, [(c.name, sd) for c in s.cells for sd in range(s.seeds)],
+                            k, slots.speedup(s, meter))
         left_s = self.eta.left(self.left())
         if "estimate_s" not in self.st.user_attrs:  # the study's start, for its end line
             self.st.set_user_attr("estimate_s", round(left_s, 1))
@@ -268,12 +270,13 @@ MARGIN_S = 30.0
 
 def work(st: optuna.Study, s: StudyPlan, data: fer.FerData, heartbeat: int,
          poll: float = 5.0, concurrent: int | None = 1, meter: Meter | None = None,
-         deadline: lifecycle.Deadline | None = None) -> Counts:
+         deadline: lifecycle.Deadline | None = None, slots: Slots | None = None) -> Counts:
     """:class:`CellWorker` until the queue is empty (or, with a ``deadline``, until no waiting
     unit would finish before it); this worker's counts. At the deadline itself the worker is
     stopped as SIGTERM stops it: each run in flight ends KILLED with its last epoch kept."""
     with _stop_at(deadline):
-        return CellWorker(st, s, data, heartbeat, concurrent, meter, deadline).run(poll)
+        return CellWorker(st, s, data, heartbeat, concurrent, meter, deadline,
+                          slots).run(poll)
 
 
 @contextlib.contextmanager
@@ -314,6 +317,7 @@ class AblateOptions:
     concurrent: int | None = 1  # units at once in this worker; None: auto
     minutes: float | str | None = None  # --budget: "auto" (the profile's on a CPU), None: off
     deadline: lifecycle.Deadline | None = None  # --time-limit or the scheduler's job end
+    threads: int | None = None  # --threads: each unit's (None: the cores split over the units)
     again: str = "the same command"  # the command that continues the study, in words
 
 
@@ -324,7 +328,10 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
         s.log_models = o.log_models
     data = fer.load_training(o.study.data)
     meter = Meter(data)
-    s = size_to_budget(s, meter, o.minutes, o.budget, o.study)
+    # How many units at once, from the study's own networks, before its size: the size counts
+    # on the speed-up.
+    slots = choose_slots(s, o.concurrent, meter, o.threads)
+    s = size_to_budget(s, meter, o.minutes, o.budget, o.study, slots)
     exp = exp or tracking.setup(None)
     name = o.study.study_name or lifecycle.study_name("ablate", o.study_file, o.profile,
                                                       data.digest, fingerprint(s))
@@ -340,7 +347,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
     helpers = [_start_worker(o, s, name, opened.experiment) for _ in range(o.jobs - 1)]
     try:
         counts = work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent,
-                      meter=meter, deadline=o.deadline)
+                      meter=meter, deadline=o.deadline, slots=slots)
     finally:
         for h in helpers:
             if h.wait() != 0:
@@ -354,7 +361,7 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
         return out
     if any(h.returncode != 0 for h in helpers):  # their cells came back: train them here
         counts += work(opened.study, s, data, o.study.heartbeat, concurrent=o.concurrent,
-                       meter=meter, deadline=o.deadline)
+                       meter=meter, deadline=o.deadline, slots=slots)
         if counts.unstarted:
             return replace(out, trained=counts.trained, failed=counts.failed,
                            timing=_out_of_time(opened.study, s, counts, o))
@@ -441,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
                         "only the reference stage's seed-0 run)")
     p.add_argument("--concurrent", type=concurrency, default=None, metavar="auto|K",
                    help="units this worker trains at once, each on its own thread (and CUDA "
-                        "stream), each exactly as it trains alone; auto: 1 on a CPU, on a GPU "
-                        "the K a short measurement finds fastest")
+                        "stream), each exactly as it trains alone; auto: the K a short "
+                        "measurement finds at least 10%% faster (on a CPU, over the study's own "
+                        "networks with the cores split between the units; a study shorter than "
+                        "2 minutes trains one at a time)")
     p.add_argument("--time-limit", type=time_limit, default=None, metavar="DURATION",
                    help="stop by then (90s, 25m, 1h30m, 01:30:00; a bare number is minutes), "
                         "counted from this command's start: a run starts only where its "
@@ -457,13 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     again = lifecycle.again("pipeline.ablate", argv, bool(os.environ.get("MLFLOW_RUN_ID")))
     budget = {k: v for k, v in (("epochs", a.epochs), ("data_fraction", a.data_fraction),
                                 ("width", a.width)) if v is not None}
-    # auto concurrency is 1 on a CPU, where the threads matter; on a GPU they hardly do.
+    # auto begins with the cores for one unit (the rates the estimate reads); choose_slots
+    # splits them where it takes several units at once.
     profile, exp = lifecycle.start(a, lambda prof: load_study(a.study, prof, a.seeds, budget),
                                    a.jobs, a.concurrent or 1)
     with lifecycle.resumable("pipeline.ablate", argv):
         out = run_ablate(AblateOptions(lifecycle.options(a), a.study, profile, a.seeds,
                                        budget, a.report_dir, a.jobs, a.log_models or None,
-                                       a.report, a.concurrent, a.budget, due, again), exp)
+                                       a.report, a.concurrent, a.budget, deadline=due,
+                                       again=again, threads=a.threads), exp)
     print(out.report)
     if out.timing:  # a helper started with --no-report leaves the end to its starter
         print(out.timing)

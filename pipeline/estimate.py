@@ -5,10 +5,13 @@ seconds from the work the training code says it does, the study's estimate, its 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from . import data as fer
 from . import sizing
@@ -27,6 +30,12 @@ from .slots import best_k, measure_concurrent
 GLANCE_ENOUGH_S = 120.0
 
 
+def net_of(cfg: Config) -> tuple:
+    """What a network's speed here depends on: the key its rates are measured under."""
+    return (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment,
+            cfg.precision, cfg.device)
+
+
 class Meter:
     """Each of a study's networks measured once on this machine (``seconds`` each, about a
     second by default), and a unit's predicted seconds from them: the images
@@ -41,6 +50,13 @@ class Meter:
         self.rates: dict[tuple, Rates | None] = {}
         self._fixed_s = fixed_s
 
+    def glance(self) -> "Meter":
+        """A meter of the same data that looks at each network for a tenth of a second."""
+        out = Meter.__new__(Meter)
+        out.n_training, out.n_test, out.measure_s = self.n_training, self.n_test, 0.1
+        out.rates, out._fixed_s = {}, self._fixed_s
+        return out
+
     @property
     def fixed_s(self) -> float:
         """A run's seconds outside its passes: its figures, drawn here once to time them, and
@@ -50,8 +66,7 @@ class Meter:
         return self._fixed_s
 
     def rates_of(self, cfg: Config) -> Rates | None:
-        net = (cfg.stage, cfg.width, cfg.batch_size, cfg.batchnorm, cfg.residual, cfg.augment,
-               cfg.precision, cfg.device)
+        net = net_of(cfg)
         if net not in self.rates:
             try:
                 self.rates[net] = measure_rates(cfg, seconds=self.measure_s)
@@ -65,12 +80,16 @@ class Meter:
         return self.rates[net]
 
     def seconds(self, cfg: Config) -> float:
+        return sum(self.parts(cfg))
+
+    def parts(self, cfg: Config) -> tuple[float, float]:
+        """A unit's predicted seconds training, and the rest (its scoring, figures, run)."""
         r = self.rates_of(cfg)
         if r is None:
-            return math.nan
+            return math.nan, math.nan
         w = predicted_work(cfg, self.n_training, self.n_test)
-        return (w.trained / r.train + w.validated / r.score + w.final / r.score_fp32
-                + self.fixed_s)
+        return (w.trained / r.train,
+                w.validated / r.score + w.final / r.score_fp32 + self.fixed_s)
 
 
 def meter_for(s: StudyPlan, data: fer.FerData, meter: Meter | None = None) -> Meter:
@@ -79,7 +98,7 @@ def meter_for(s: StudyPlan, data: fer.FerData, meter: Meter | None = None) -> Me
     study, else a measurement of about a second each."""
     if meter is not None and meter.rates:
         return meter
-    glance = Meter(data, seconds=0.1)
+    glance = (meter or Meter(data)).glance()
     if study_seconds(s, glance) < GLANCE_ENOUGH_S:
         return glance
     return meter or Meter(data, fixed_s=glance.fixed_s)
@@ -121,10 +140,12 @@ def _earlier_sizing(storage: str, minutes: float, base: str,
 
 
 def size_to_budget(s: StudyPlan, meter: Meter, minutes: float | str | None,
-                   given: dict[str, Any], where: lifecycle.StudyOptions) -> StudyPlan:
+                   given: dict[str, Any], where: lifecycle.StudyOptions,
+                   slots: Slots | None = None) -> StudyPlan:
     """``--budget``: the plan resized to fit ``minutes`` on this machine (said in a line), or as
     it is where the budget does not apply. ``given``: the budget keys of the command line;
-    ``where``: the study's storage and name, where an earlier size of it is looked for."""
+    ``where``: the study's storage and name, where an earlier size of it is looked for;
+    ``slots``: the units trained at once, whose speed-up the size counts on."""
     device = Runtime(s.config(s.cells[0], 0)).device
     if minutes == "auto":
         minutes = s.bounds.minutes if s.bounds and device.type == "cpu" else None
@@ -149,8 +170,13 @@ def size_to_budget(s: StudyPlan, meter: Meter, minutes: float | str | None,
               flush=True)
     else:
         own = int(s.budget.get("epochs", s.bounds.epochs[0]))
-        chosen = sizing.choose(lambda df, ep: study_seconds(s.resize(df, ep), meter), s.bounds,
-                               own, minutes, here)
+        slots = slots or Slots()
+
+        def seconds(df: float, ep: int) -> float:
+            sized = s.resize(df, ep)
+            return study_seconds(sized, meter) / slots.speedup(sized, meter)
+
+        chosen = sizing.choose(seconds, s.bounds, own, minutes, here)
         for name, z in earlier:
             print(f"budget {minutes:g} min: study {name} in this storage was sized on "
                   f"{z.machine}; this machine sizes its own, which is another study", flush=True)
@@ -174,27 +200,122 @@ def _say_sizing(s: StudyPlan, z: sizing.Sizing) -> None:
           f"--budget off runs the profile's own size.", flush=True)
 
 
-def choose_slots(s: StudyPlan, requested: int | None) -> tuple[int, float]:
-    """How many units this worker trains at once, and how much faster the study goes for it
-    (total training images/s at K over that at 1, measured on the reference network). ``None``
-    (auto): 1 on a CPU, where the cores are already shared by one run's threads; on a GPU the K
-    that a short measurement finds fastest, said in one line."""
-    cfg = s.config(next(c for c in s.cells if c.name == label(s.reference)), 0)
-    device = Runtime(cfg).device
-    if requested is None and device.type != "cuda":
-        return 1, 1.0
+@dataclass(frozen=True)
+class Slots:
+    """How many units a worker trains at once, and how much faster each of the study's networks
+    trains for it: its total training img/s at ``k`` over one unit at a time, measured here
+    (``by_net``; a network not measured takes ``default``)."""
+
+    k: int = 1
+    by_net: dict[tuple, float] = field(default_factory=dict)
+    default: float = 1.0
+
+    def speedup(self, s: StudyPlan, meter: Meter) -> float:
+        """The whole study's: its predicted time one unit at a time over its time at ``k``,
+        each network counted by its share of the predicted work. The speed-up is measured on
+        training; a unit's scoring, figures and MLflow run are counted at none (on a 2-core CPU
+        counting them at the training's made a study's estimate 18% short)."""
+        if self.k == 1:
+            return 1.0
+        alone = at_k = 0.0
+        for c in s.cells:
+            cfg = s.config(c, 0)
+            train, rest = meter.parts(cfg)
+            if math.isfinite(train):
+                alone += train + rest
+                at_k += train / self.by_net.get(net_of(cfg), self.default) + rest
+        return alone / at_k if at_k > 0 else self.default
+
+
+# Networks are measured at K in the order of their share of the study's predicted work, until
+# this share is covered; the rest (small nets, a few per cent of the time) take the measured
+# networks' mean.
+COVER = 0.9
+
+
+def choose_slots(s: StudyPlan, requested: int | None, meter: Meter,
+                 threads: int | None = None) -> Slots:
+    """How many units this worker trains at once, and what each network gains by it (said in
+    one line). ``None`` (auto): on a GPU the K that a short measurement of the reference network
+    finds fastest; on a CPU 2, 4 or 8 units with the cores split between them where the study's
+    own networks, weighted by their share of its predicted work, go at least 10% faster than
+    one unit with every core. ``threads``: the threads per unit the command was given (None:
+    the cores split over the units), set here for the K chosen."""
+    ref = s.config(next(c for c in s.cells if c.name == label(s.reference)), 0)
+    if Runtime(ref).device.type == "cuda":
+        return _gpu_slots(ref, requested)
+    if requested == 1:
+        return Slots()
+    if requested is None and study_seconds(s, meter.glance()) < GLANCE_ENOUGH_S:
+        return Slots()  # measuring K would cost more of a short study than K could save
+    base = torch.get_num_threads()
+    nets: dict[tuple, Config] = {}
+    work: dict[tuple, float] = {}
+    for c in s.cells:  # one unit at a time, rates at this worker's threads (the meter's)
+        cfg = s.config(c, 0)
+        t = meter.seconds(cfg)
+        if math.isfinite(t):
+            nets[net_of(cfg)] = cfg
+            work[net_of(cfg)] = work.get(net_of(cfg), 0.0) + t
+    if not nets:
+        return Slots()
+    cores = len(os.sched_getaffinity(0))
+    candidates = [requested] if requested else [k for k in (2, 4, 8) if k <= cores]
+    chosen, chosen_sp, chosen_each, tried = Slots(), 1.0, base, {}
+    for k in candidates:
+        each = threads or (base if requested else max(1, base // k))
+        at_k = _measure_mix(nets, work, k, base if requested else (threads or base), each)
+        tried[k] = sp = at_k.speedup(s, meter)
+        if requested or sp > 1.1 * chosen_sp:
+            chosen, chosen_sp, chosen_each = at_k, sp, each
+    torch.set_num_threads(chosen_each)
+    if not tried:  # a single core: nothing to share
+        return Slots()
+    if chosen.k == 1:
+        said = ", ".join(f"{k} at once {sp:.2f}x" for k, sp in tried.items())
+        print(f"concurrent auto: 1 unit at a time (over this study's networks, {said}: not the "
+              f"10% faster that several at once must be)", flush=True)
+        return chosen
+    said = ", ".join(f"{cfg.stage}{'' if cfg.width == 1 else f' x{cfg.width:g}'} "
+                     f"{chosen.by_net[n]:.2f}x" for n, cfg in nets.items() if n in chosen.by_net)
+    print(f"concurrent {'auto: ' if requested is None else ''}{chosen.k} units at once, "
+          f"{chosen_each} thread(s) each: {chosen_sp:.2f}x the training img/s of one unit at a "
+          f"time over this study's networks, by their share of its work ({said})", flush=True)
+    return chosen
+
+
+def _measure_mix(nets: dict[tuple, Config], work: dict[tuple, float], k: int,
+                 alone_threads: int, each: int) -> Slots:
+    """Each network's speed-up at ``k`` units of ``each`` threads over one of
+    ``alone_threads``, the largest first until :data:`COVER` of the work is measured."""
+    total, covered, by_net = sum(work.values()), 0.0, {}
+    for net in sorted(work, key=work.get, reverse=True):
+        if covered >= COVER * total:
+            break
+        cfg = nets[net]
+        n = cfg.batch_size * 8
+        torch.set_num_threads(alone_threads)
+        one = measure_concurrent(cfg, 1, seconds=0.3, n_images=n)["img_per_s"]
+        torch.set_num_threads(each)
+        by_net[net] = measure_concurrent(cfg, k, seconds=0.3, n_images=n)["img_per_s"] / one
+        covered += work[net]
+    torch.set_num_threads(alone_threads)
+    mean = sum(by_net[n] * work[n] for n in by_net) / sum(work[n] for n in by_net)
+    return Slots(k, by_net, mean)
+
+
+def _gpu_slots(ref: Config, requested: int | None) -> Slots:
     if requested is None:
-        k, rates = best_k(cfg)
+        k, rates = best_k(ref)
         said = ", ".join(f"K={n}: {r:,.0f}" for n, r in rates.items())
         print(f"concurrent auto: {k} units at once (training img/s of the reference network, "
               f"{said})", flush=True)
-        return k, rates[k] / rates[1]
+        return Slots(k, default=rates[k] / rates[1])
     if requested == 1:
-        return 1, 1.0
-    # A CPU trains the study's own widths slowly: a shorter pass keeps the measurement brief.
-    n = cfg.batch_size * (32 if device.type == "cuda" else 8)
-    one = measure_concurrent(cfg, 1, seconds=0.5, n_images=n)["img_per_s"]
-    at_k = measure_concurrent(cfg, requested, seconds=0.5, n_images=n)["img_per_s"]
+        return Slots()
+    n = ref.batch_size * 32
+    one = measure_concurrent(ref, 1, seconds=0.5, n_images=n)["img_per_s"]
+    at_k = measure_concurrent(ref, requested, seconds=0.5, n_images=n)["img_per_s"]
     print(f"concurrent {requested}: {at_k / one:.2f}x the training img/s of one unit at a time "
           f"on the reference network ({at_k:,.0f} against {one:,.0f})", flush=True)
-    return requested, at_k / one
+    return Slots(requested, default=at_k / one)

@@ -140,11 +140,13 @@ def choose(cost: Callable[[float, int], float], b: Bounds, own_epochs: int, minu
 
 
 def machine() -> str:
-    """What sets the study's speed here, in words: the accelerator or the CPU, its threads and
-    the precision (two machines that read the same train at about the same speed)."""
+    """What sets the study's speed here, in words: the accelerator, or the CPU and the cores
+    this process may run on (however many units share them: a rerun that measures another
+    number of units at once must still find the size it chose here)."""
     if torch.cuda.is_available():
         return f"cuda {torch.cuda.get_device_name()}"
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    cores = len(os.sched_getaffinity(0))
+    return f"{cpu_name()}, {cores} core{'s' if cores != 1 else ''}"
 
 
 def cpu_name() -> str:

@@ -44,9 +44,11 @@ def check_checkpoint_dir() -> None:
     d = checkpoint_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own: runs starting together in one process (slots) must not remove
+        # each other's.
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UsageError(f"checkpoint folder {d} (FER_CHECKPOINT_DIR) is not writable: "
                          f"{e.strerror or e}.") from None

@@ -444,17 +444,90 @@ def test_a_data_set_another_run_inserted_meanwhile_is_logged_on_a_second_try(kag
 
 
 @pytest.mark.slow
-def test_auto_trains_one_unit_at_a_time_on_a_cpu_and_a_given_k_is_measured(tmp_path, capsys):
-    from pipeline.estimate import choose_slots
+def test_auto_trains_a_short_study_one_unit_at_a_time_and_a_given_k_is_measured(tmp_path, capsys,
+                                                                                 kaggle_csv):
+    from pipeline import data as fer
+    from pipeline.estimate import Meter, choose_slots
     from pipeline.plan import load_study
 
     s = load_study(mini_study(tmp_path), "smoke")
-    assert choose_slots(s, None) == (1, 1.0)
+    meter = Meter(fer.load_training(str(kaggle_csv)))
+    assert choose_slots(s, None, meter).k == 1  # seconds long: measuring K would cost more
     assert capsys.readouterr().out == ""  # nothing measured, nothing said
-    k, speedup = choose_slots(s, 2)
-    assert k == 2 and speedup > 0
-    assert re.match(r"concurrent 2: [\d.]+x the training img/s of one unit at a time",
-                    capsys.readouterr().out)
+    threads = torch.get_num_threads()
+    try:
+        slots = choose_slots(s, 2, meter)
+        assert slots.k == 2 and slots.by_net and all(v > 0 for v in slots.by_net.values())
+        assert re.match(r"concurrent 2 units at once, \d+ thread\(s\) each: [\d.]+x the training "
+                        r"img/s of one unit at a time over this study's networks",
+                        capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class WorkOf:
+    """A meter whose units take the seconds given per network (with BatchNorm or without)."""
+
+    def __init__(self, bn: float, plain: float, rest: float = 0.0):
+        self.bn, self.plain, self.rest = bn, plain, rest
+
+    def seconds(self, cfg) -> float:
+        return sum(self.parts(cfg))
+
+    def parts(self, cfg) -> tuple[float, float]:
+        return (self.bn if cfg.batchnorm else self.plain), self.rest
+
+    def glance(self):
+        return self
+
+
+def test_the_study_s_speedup_weights_each_network_by_its_share_of_the_work(tmp_path):
+    """Two networks, one 2.0x faster at K=2 and one not at all: the study goes as fast as the
+    mix of its work, not as its reference network (which alone would say 2.0x)."""
+    from pipeline.estimate import Slots, net_of
+    from pipeline.plan import load_study
+
+    s = load_study(mini_study(tmp_path), "smoke")
+    bn = next(s.config(c, 0) for c in s.cells if s.config(c, 0).batchnorm)
+    plain = next(s.config(c, 0) for c in s.cells if not s.config(c, 0).batchnorm)
+    slots = Slots(2, {net_of(bn): 2.0, net_of(plain): 1.0})
+    assert slots.speedup(s, WorkOf(bn=90.0, plain=10.0)) == pytest.approx(100 / 55)
+    assert slots.speedup(s, WorkOf(bn=10.0, plain=90.0)) == pytest.approx(100 / 95)
+    assert Slots().speedup(s, WorkOf(1.0, 1.0)) == 1.0
+    # Each unit's scoring and run (10 s here) are not counted as going any faster.
+    assert slots.speedup(s, WorkOf(bn=90.0, plain=10.0, rest=10.0)) == pytest.approx(120 / 75)
+
+
+@pytest.mark.parametrize("mix, k", [(1.05, 1), (1.5, 2)])
+def test_auto_on_a_cpu_takes_two_units_where_the_study_s_mix_is_10_percent_faster(
+        tmp_path, monkeypatch, capsys, mix, k):
+    """A study long enough to be worth measuring, on 2 cores: K=2 with a thread each where the
+    study's networks go 1.5x as fast together, one unit with both cores where only 1.05x."""
+    import os
+
+    from pipeline import estimate
+    from pipeline.plan import load_study
+
+    s = load_study(mini_study(tmp_path), "smoke")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    asked = []
+
+    def measured(nets, work, k_, alone, each):
+        asked.append((k_, alone, each))
+        return estimate.Slots(k_, {n: mix for n in nets}, mix)
+
+    monkeypatch.setattr(estimate, "_measure_mix", measured)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chosen = estimate.choose_slots(s, None, WorkOf(300.0, 300.0))
+        assert chosen.k == k and asked == [(2, 2, 1)]  # 2 units of 1 thread against 1 of 2
+        assert torch.get_num_threads() == (1 if k == 2 else 2)
+    finally:
+        torch.set_num_threads(threads)
+    said = capsys.readouterr().out
+    assert ("auto: 2 units at once, 1 thread(s) each: 1.50x" in said if k == 2 else
+            "auto: 1 unit at a time (over this study's networks, 2 at once 1.05x" in said)
 
 
 class StreamPool:

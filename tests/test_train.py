@@ -353,3 +353,63 @@ def test_a_checkpoint_write_never_follows_a_link_planted_beside_it(tmp_path, mon
     ck.save({"epoch": 0, "w": torch.ones(2)}, Config(), Data())
     assert victim.read_text() == "mine"
     assert torch.load(ck.path, weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_the_mlproject_passes_each_value_as_one_word_and_runs_none_of_it(kaggle_csv, tmp_path):
+    """MLflow quotes every parameter for the shell itself: a value the MLproject quoted again
+    would come out unquoted, run what it holds and split at its spaces."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    base = [str(bindir / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
+            "-P", f"data={kaggle_csv}"]
+    planted = [ROOT / "injected-by-a-parameter", tmp_path / "injected-by-a-parameter"]
+    r = subprocess.run(base + ["-P", "set=epochs=1 x$(touch injected-by-a-parameter)"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    try:
+        assert not any(p.exists() for p in planted)
+    finally:
+        for p in planted:
+            p.unlink(missing_ok=True)
+    assert r.returncode != 0 and "expected key=value" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(base + ["-P", "set=epochs=1 width=0.125 data_fraction=0.5 batch_size=16 "
+                                     "tta=false"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_id = json.loads(r.stdout.strip().splitlines()[-1])["run_id"]
+    params = mlflow.get_run(run_id).data.params
+    assert (params["epochs"], params["width"], params["batch_size"]) == ("1", "0.125", "16")
+
+
+def test_runs_starting_together_in_one_process_each_find_the_checkpoint_folder_writable(
+        tmp_path, monkeypatch):
+    """Units start side by side in one process (slots): each checks the folder at its start,
+    and none may take another's probe for its own (one failed as "not writable")."""
+    import threading
+
+    from pipeline.train import check_checkpoint_dir
+
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    together, errors = threading.Barrier(4), []
+
+    def start_units() -> None:
+        together.wait()
+        for _ in range(300):
+            try:
+                check_checkpoint_dir()
+            except Exception as e:  # noqa: BLE001 (recorded, asserted below)
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=start_units) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert not list((tmp_path / "ck").iterdir())  # no probe left behind

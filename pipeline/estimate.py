@@ -272,15 +272,17 @@ def choose_slots(s: StudyPlan, requested: int | None, meter: Meter,
     if not tried:  # a single core: nothing to share
         return Slots()
     if chosen.k == 1:
-        said = ", ".join(f"{k} at once {sp:.2f}x" for k, sp in tried.items())
-        print(f"concurrent auto: 1 unit at a time (over this study's networks, {said}: not the "
-              f"10% faster that several at once must be)", flush=True)
+        said = ", ".join(f"{k} units at once: the study {sp:.2f}x as fast"
+                         for k, sp in tried.items())
+        print(f"concurrent auto: 1 unit at a time ({said}; several at once must make it 10% "
+              f"faster)", flush=True)
         return chosen
     said = ", ".join(f"{cfg.stage}{'' if cfg.width == 1 else f' x{cfg.width:g}'} "
                      f"{chosen.by_net[n]:.2f}x" for n, cfg in nets.items() if n in chosen.by_net)
     print(f"concurrent {'auto: ' if requested is None else ''}{chosen.k} units at once, "
-          f"{chosen_each} thread(s) each: {chosen_sp:.2f}x the training img/s of one unit at a "
-          f"time over this study's networks, by their share of its work ({said})", flush=True)
+          f"{chosen_each} thread(s) each: the study {chosen_sp:.2f}x as fast as one unit at a "
+          f"time (its networks' training img/s: {said}; their scoring counted at 1x)",
+          flush=True)
     return chosen
 
 

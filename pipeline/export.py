@@ -36,6 +36,11 @@ def export(model_uri: str, out: str | Path, force: bool = False,
                          f"folder. Remove it or choose another path.")
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it.")
+    if out.exists() and not (out / "MLmodel").is_file():
+        # --force deletes what it replaces: only ever a model folder (`--out . --force` would
+        # otherwise take the checkout with it).
+        raise UsageError(f"--out {out}: not a model folder (no MLmodel file in it); --force "
+                         f"replaces only a model folder. Choose a new or a model folder.")
     clf = load_model(model_uri).clf
     if config:
         cfg = build(config)

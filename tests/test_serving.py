@@ -355,3 +355,20 @@ def test_export_refuses_to_replace_a_file_even_with_force(folder, tmp_path):
     with pytest.raises(UsageError, match="a file, not a model folder"):
         export(str(folder), target, force=True, config=str(folder / "data/fer/config.yaml"))
     assert target.read_text() == "mine"
+
+
+def test_export_force_replaces_only_a_model_folder(folder, tmp_path):
+    """`--out . --force` once deleted the folder it was given, whatever it held."""
+    from pipeline.errors import UsageError
+    from pipeline.export import export
+
+    cfg = str(folder / "data/fer/config.yaml")
+    mine = tmp_path / "my-work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match=r"not a model folder \(no MLmodel file in it\)"):
+        export(str(folder), mine, force=True, config=cfg)
+    assert (mine / "notes.txt").read_text() == "keep"
+    model = export(str(folder), tmp_path / "model", config=cfg)
+    again = export(str(folder), model, force=True, config=cfg)  # a model folder: replaced
+    assert (again / "MLmodel").is_file()

@@ -458,8 +458,8 @@ def test_auto_trains_a_short_study_one_unit_at_a_time_and_a_given_k_is_measured(
     try:
         slots = choose_slots(s, 2, meter)
         assert slots.k == 2 and slots.by_net and all(v > 0 for v in slots.by_net.values())
-        assert re.match(r"concurrent 2 units at once, \d+ thread\(s\) each: [\d.]+x the training "
-                        r"img/s of one unit at a time over this study's networks",
+        assert re.match(r"concurrent 2 units at once, \d+ thread\(s\) each: the study [\d.]+x as "
+                        r"fast as one unit at a time \(its networks' training img/s: ",
                         capsys.readouterr().out)
     finally:
         torch.set_num_threads(threads)
@@ -526,8 +526,8 @@ def test_auto_on_a_cpu_takes_two_units_where_the_study_s_mix_is_10_percent_faste
     finally:
         torch.set_num_threads(threads)
     said = capsys.readouterr().out
-    assert ("auto: 2 units at once, 1 thread(s) each: 1.50x" in said if k == 2 else
-            "auto: 1 unit at a time (over this study's networks, 2 at once 1.05x" in said)
+    assert ("auto: 2 units at once, 1 thread(s) each: the study 1.50x as fast" in said if k == 2
+            else "auto: 1 unit at a time (2 units at once: the study 1.05x as fast;" in said)
 
 
 class StreamPool:

@@ -179,6 +179,14 @@ def _sync(rt: Runtime) -> None:
 
 # torch.OutOfMemoryError is the device-generic name from torch 2.5 on.
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# Out of memory as other layers word it: cuBLAS failing to allocate its handle or workspace, an
+# allocation in a kernel launch.
+OUT_OF_MEMORY_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, OutOfMemory) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in OUT_OF_MEMORY_WORDS))
 
 
 def best_k(cfg: Config, candidates: tuple[int, ...] = (1, 2, 4, 8),
@@ -194,8 +202,8 @@ def best_k(cfg: Config, candidates: tuple[int, ...] = (1, 2, 4, 8),
     for k in candidates:
         try:
             rates[k] = measure_concurrent(cfg, k, seconds)["img_per_s"]
-        except OutOfMemory:
-            if k == candidates[0]:
+        except RuntimeError as e:
+            if k == candidates[0] or not out_of_memory(e):
                 raise
             print(f"concurrent auto: {k} units at once do not fit in this device's memory; "
                   f"staying at {best}", flush=True)

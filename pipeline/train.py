@@ -71,23 +71,27 @@ def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
+    why = None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
         os.replace(tmp, path)
-    except BaseException as e:
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):
-            need = _state_bytes(obj) / 2**20
-            free = shutil.disk_usage(path.parent).free / 2**20
-            # torch's own words for a short write quote its C++ source; say what they mean.
-            why = (e.strerror if isinstance(e, OSError) and e.strerror else
-                   "the write stopped short: a full disk or a file-size limit")
-            raise TrainingError(
-                f"cannot write checkpoint {path}: the folder (FER_CHECKPOINT_DIR) has "
-                f"{free:.1f} MB free and the checkpoint needs about {need:.1f} MB "
-                f"({why}).") from None
+        # torch's own words for a short write quote its C++ source; say what they mean.
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else
+               "the write stopped short: a full disk or a file-size limit")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
+    if why is not None:
+        # Raised outside the handler, with no disk error as its context: the tracking store
+        # reads a full disk in an error's context as its own, and this one is the checkpoint's.
+        need = _state_bytes(obj) / 2**20
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise TrainingError(
+            f"cannot write checkpoint {path}: the folder (FER_CHECKPOINT_DIR) has "
+            f"{free:.1f} MB free and the checkpoint needs about {need:.1f} MB ({why}).")
 
 
 def _load_state(path: Path) -> dict[str, Any]:

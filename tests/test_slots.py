@@ -645,9 +645,11 @@ def test_no_stream_a_capture_runs_on_is_handed_to_anything_else(monkeypatch):
     assert not reused, f"capture streams {sorted(reused)} were also given to slots or warm-ups"
 
 
-@pytest.mark.parametrize("error, ends", [(torch.OutOfMemoryError("CUDA out of memory"), True),
-                                         (RuntimeError("operation not permitted when stream is "
-                                                       "capturing"), False)])
+@pytest.mark.parametrize("error, ends", [
+    (torch.OutOfMemoryError("CUDA out of memory"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     True),
+    (RuntimeError("operation not permitted when stream is capturing"), False)])
 def test_best_k_stops_at_out_of_memory_and_raises_anything_else(monkeypatch, error, ends):
     """Running out of memory at K=4 is an answer (K=2 is the most that fits); a capture that
     broke at K=4 may have left the device unusable and must stop the study's start."""

@@ -219,8 +219,6 @@ class CellWorker:
 
     def fits(self, t) -> bool:
         """Whether the unit of waiting trial ``t``, started now, ends before the deadline."""
-        if self.deadline is None:
-            return True
         key = (t.user_attrs["cell"], int(t.user_attrs["seed"]))
         return self.eta.unit(key) + MARGIN_S <= self.deadline.left()
 

@@ -49,13 +49,17 @@ class Meter:
         self.measure_s = seconds
         self.rates: dict[tuple, Rates | None] = {}
         self._fixed_s = fixed_s
+        self._glance: Meter | None = None
 
     def glance(self) -> "Meter":
-        """A meter of the same data that looks at each network for a tenth of a second."""
-        out = Meter.__new__(Meter)
-        out.n_training, out.n_test, out.measure_s = self.n_training, self.n_test, 0.1
-        out.rates, out._fixed_s = {}, self._fixed_s
-        return out
+        """A meter of the same data that looks at each network for a tenth of a second (made
+        once: the choice of K and the estimate both read it)."""
+        if self._glance is None:
+            out = Meter.__new__(Meter)
+            out.n_training, out.n_test, out.measure_s = self.n_training, self.n_test, 0.1
+            out.rates, out._fixed_s, out._glance = {}, self._fixed_s, None
+            self._glance = out
+        return self._glance
 
     @property
     def fixed_s(self) -> float:

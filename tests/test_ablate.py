@@ -812,5 +812,6 @@ def test_a_deadline_is_the_time_limit_or_the_slurm_job_s_end_whichever_comes_fir
     assert lifecycle.deadline(90.0, 1000.0, slurm).at == 1050.0
     assert lifecycle.deadline(30.0, 1000.0, slurm).at == 1030.0
     assert lifecycle.deadline(None, 1000.0, {"SLURM_JOB_END_TIME": "0"}) is None  # no limit
-    with pytest.raises(UsageError, match="SLURM_JOB_END_TIME is 'soon': expected"):
-        lifecycle.deadline(None, 1000.0, {"SLURM_JOB_END_TIME": "soon"})
+    for bad in ("soon", "inf", "nan"):
+        with pytest.raises(UsageError, match=f"SLURM_JOB_END_TIME is '{bad}': expected"):
+            lifecycle.deadline(None, 1000.0, {"SLURM_JOB_END_TIME": bad})

@@ -38,7 +38,8 @@ from .queue import (OUT_OF_MEMORY, UNIT_FAILURES, BugCount, Heartbeat, Result,
                     unit, units_own, wait_for_others)
 
 __all__ = [
-    "Deadline", "StudyOptions", "add_study_args", "again", "deadline", "parse_duration", "options", "resolve_profile", "say_stopped", "resumable",
+    "Deadline", "StudyOptions", "add_study_args", "again", "deadline", "parse_duration",
+    "options", "resolve_profile", "say_stopped", "resumable",
     "start", "study_name", "worker_threads", "PROFILES", "check_budget", "read_study_file",
     "Opened", "attach_entry_run", "check_parent_here", "create_parent", "find_run",
     "finish_parent", "log_interval", "open_or_join", "open_study", "unit_runs", "run_id_of",

@@ -127,9 +127,9 @@ def again(module: str, argv: list[str] | None, under_mlflow_run: bool) -> str:
 
 def say_stopped(module: str, argv: list[str] | None, under_mlflow_run: bool) -> None:
     """What a stopped study kept, and the exact command that continues it."""
-    again_ = again(module, argv, under_mlflow_run)
     print(f"stopped: the study keeps every finished run, and the stopped ones go back to its "
-          f"queue; continue the study with {again_}", file=sys.stderr, flush=True)
+          f"queue; continue the study with {again(module, argv, under_mlflow_run)}",
+          file=sys.stderr, flush=True)
 
 
 # The longest limit taken: a year of seconds, well inside every clock this code reads.
@@ -198,9 +198,9 @@ def deadline(limit_s: float | None, started: float,
         found.append(Deadline(started + limit_s, f"--time-limit {duration(limit_s)}"))
     end = (environ.get("SLURM_JOB_END_TIME") or "").strip()
     if end:
-        try:
-            at = float(end)
-        except ValueError:
+        try:  # by the one number rule: nan and inf are no end
+            at = parse(end, Range(low=0))
+        except NumberError:
             raise UsageError(f"SLURM_JOB_END_TIME is {end!r}: expected the job's end as a Unix "
                              f"time (seconds); unset it or pass --time-limit.") from None
         if at > 0:  # SLURM writes 0 where the job has no limit

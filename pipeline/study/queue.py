@@ -16,21 +16,19 @@ from typing import Callable, Iterator, Literal
 
 import mlflow
 import optuna
-import torch
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session as rdb_session
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import EXPECTED, RepeatedFailure
+from ..slots import OutOfMemory
 from ..stores import TrackingLost, first_use_lock
 
 Outcome = Literal["complete", "pruned", "failed"]
 # A unit that fails with one of these is recorded as failed, with its reason, and the study goes
 # on: what a run meets of its own (a diverging config, a cell its settings cannot build, data it
 # cannot read, no memory left). Anything else is a bug in the code, not in the unit (BugCount).
-# (torch.OutOfMemoryError is the device-generic name from torch 2.5 on.)
-UNIT_FAILURES = (*EXPECTED, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
-                 MemoryError)
+UNIT_FAILURES = (*EXPECTED, OutOfMemory, MemoryError)
 # A dead worker's trial comes back WAITING as a new trial (system attr `failed_trial`). Optuna
 # 4.9 renamed the callback and drops the old name in 6.0; the range allowed here has one or both.
 RETRY = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import data as fer
-from . import sizing, tracking
+from . import redact, sizing, tracking
 from . import study as lifecycle
 from .cli import Number, parser, run_main
 from .config import RANGES
@@ -44,7 +44,7 @@ from .numbers import WHOLE_1, NumberError
 from .plan import Cell, LogModels, StudyPlan, fingerprint, label, load_study
 from .report import FULL_ANSWER, cells_view, report_once, study_description, timing_line
 from .slots import Pool
-from .study import StudyOptions, storage_of, trial_id
+from .study import STORAGE_ENV, StudyOptions, storage_of, trial_id
 from .train import RunResult, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,7 +400,7 @@ def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
                   exp: tracking.Experiment) -> subprocess.Popen:
     args = [sys.executable, "-m", "pipeline.ablate", "--data", o.study.data,
             "--study", o.study_file, "--profile", s.profile, "--seeds", str(s.seeds),
-            "--storage", o.study.storage, "--study-name", name,
+            "--study-name", name,
             "--heartbeat", str(o.study.heartbeat), "--log-models", s.log_models,
             "--threads", str(lifecycle.worker_threads(o.jobs, o.concurrent or 1)), "--no-report",
             "--concurrent", str(o.concurrent or "auto"), "--budget", "off"]
@@ -413,8 +413,9 @@ def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
                       ("width", "--width")):
         if chosen.get(key):
             args += [flag, str(chosen[key])]
+    # URLs through the environment: a password in them is not on a command line `ps` shows.
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-           "MLFLOW_EXPERIMENT_ID": exp.id()}
+           "MLFLOW_EXPERIMENT_ID": exp.id(), STORAGE_ENV: o.study.storage}
     env.pop("MLFLOW_RUN_ID", None)
     return subprocess.Popen(args, env=env)
 
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     print(out.report)
     if out.timing:  # a helper started with --no-report leaves the end to its starter
         print(out.timing)
-    print(f"Open it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}, then "
+    print(f"Open it: mlflow ui --backend-store-uri {redact.url(mlflow.get_tracking_uri())}, then "
           f"http://127.0.0.1:5000/{out.view} (the study's cells, each the mean of its seeds; "
           f"the report is on the parent run `ablation {out.profile}`)."
           + ("" if out.profile == "full" else f"\n{FULL_ANSWER}"))

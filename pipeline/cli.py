@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from . import numbers
+from . import numbers, redact
 from .errors import EXPECTED, UsageError, TrainingError, one_line  # noqa: F401 (imported from here too)
 from .numbers import Range
 from .stores import bound_retries
@@ -118,6 +118,7 @@ def _interrupt(signum, frame) -> None:
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run an entry point; expected errors print one paragraph and exit 2, never a traceback."""
     quiet_libraries()
+    redact.tracking_credentials()
     # SIGTERM (a scheduler's or `kill`'s stop) is handled as Ctrl-C: runs end KILLED with their
     # checkpoints kept, and a worker hands its cell straight back to the queue.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -125,7 +126,7 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
         code = fn(argv)
     except EXPECTED as e:
         # One line: the terminal wraps it, and grep and logs keep it whole.
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        print(f"error: {redact.scrub(one_line(str(e)))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -107,6 +107,12 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     n = len(labels)
     if images.shape != (n, 48, 48) or images.dtype != np.uint8 or usage.shape != (n,):
         return None
+    # A cache folder may be shared (FER_CACHE_DIR) and written by anyone who can reach it: a
+    # well-formed entry with labels outside the emotions (or of another type) would train on
+    # nonsense; it is a miss like a damaged one.
+    if labels.dtype != np.int64 or usage.dtype.kind != "U" or (
+            n and (labels.min() < 0 or labels.max() >= len(EMOTIONS))):
+        return None
     return images, labels, usage
 
 

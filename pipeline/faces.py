@@ -14,9 +14,11 @@ phone photo upright by its EXIF orientation before anything looks for faces.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import warnings
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,48 +50,84 @@ def _cascade():
     return _local.cascade
 
 
-def open_image(blob: bytes, name: str) -> Image.Image:
-    """Encoded image bytes -> an upright Pillow image; InputError naming ``name`` when the
-    bytes are not a whole image of a known format."""
+@contextlib.contextmanager
+def _guarded(name: str) -> Iterator[None]:
+    """Every way Pillow and its decoders fail on bytes they were handed, as one InputError
+    naming the photo: a served answer carries the reason, never a server traceback, and a
+    folder's run goes on to the next file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(blob))
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise InputError(f"{name}: {w}x{h} pixels; this reads images of up to "
-                                 f"{MAX_PIXELS // 1_000_000} megapixels.")
-            im.load()
+            yield
     except InputError:
         raise
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image this reads (expected {FORMATS}).") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{name}: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{name}: the image is damaged or truncated ({e}).") from None
-    return ImageOps.exif_transpose(im)
+    except MemoryError:
+        raise InputError(f"{name}: too large to decode here.") from None
+    except Exception as e:  # noqa: BLE001 (OSError, SyntaxError, ValueError, EOFError,
+        # struct.error, ZeroDivisionError...: a decoder meeting bytes it cannot make sense of
+        # raises whatever it raises)
+        raise InputError(f"{name}: the image is damaged or truncated, or not one this can "
+                         f"read ({type(e).__name__}: {e}).") from None
 
 
-def grey(im: Image.Image) -> np.ndarray:
+def size_of(blob: bytes, name: str) -> tuple[int, int]:
+    """A photo's width and height from its header alone, nothing decoded."""
+    with _guarded(name):
+        return Image.open(io.BytesIO(blob)).size
+
+
+def open_image(blob: bytes, name: str) -> Image.Image:
+    """Encoded image bytes -> an upright Pillow image; InputError naming ``name`` when the
+    bytes are not a whole image of a known format."""
+    with _guarded(name):
+        im = Image.open(io.BytesIO(blob))
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise InputError(f"{name}: {w}x{h} pixels; this reads images of up to "
+                             f"{MAX_PIXELS // 1_000_000} megapixels.")
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+def grey(im: Image.Image, name: str = "the photo") -> np.ndarray:
     """The photo as 8-bit grey. A deeper photo is scaled from its full range, not clipped to
     0..255 as Pillow's conversion does (a 16-bit scan would read as a white page): 16-bit
     modes from 0..65535; 32-bit integers from 0..255 when that is all they hold, else from
-    0..65535 (16-bit data stored wide), or their maximum above that; floats from 0..1 likewise."""
-    if im.mode.startswith("I;16"):
-        return _to_8bit(np.asarray(im), 65535.0)
-    if im.mode in ("I", "F"):
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        hi = float(a.max()) if a.size else 0.0
-        full = (1.0 if im.mode == "F" and hi <= 1 else 255.0 if hi <= 255 else
-                max(hi, 65535.0))
-        return _to_8bit(a, full)
-    return np.asarray(im.convert("L"), dtype=np.uint8)
+    0..65535 (16-bit data stored wide), or their maximum above that; floats from 0..1 likewise.
+    A LAB photo is its lightness band. A mode with no way to grey is an InputError naming
+    ``name``."""
+    with _guarded(name):
+        if im.mode.startswith("I;16"):
+            return _to_8bit(np.asarray(im), 65535.0)
+        if im.mode in ("I", "F"):
+            a = np.asarray(im)
+            hi = max((float(np.nan_to_num(a[s:s + _ROWS].astype(np.float64)).max())
+                      for s in range(0, a.shape[0], _ROWS)), default=0.0)
+            full = (1.0 if im.mode == "F" and hi <= 1 else 255.0 if hi <= 255 else
+                    max(hi, 65535.0))
+            return _to_8bit(a, full)
+        try:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+        except ValueError:  # no conversion of Pillow's own
+            pass
+        if im.getbands()[0] == "L":  # LAB, La: their lightness band
+            return np.asarray(im.getchannel("L"), dtype=np.uint8)
+        return np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8)  # HSV
+
+
+_ROWS = 256  # rows converted at a time: a deep photo's float copy stays a few MB, not GB
 
 
 def _to_8bit(a: np.ndarray, full: float) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(a, dtype=np.float64) * (255.0 / full)), 0,
-                   255).astype(np.uint8)
+    out = np.empty(a.shape, dtype=np.uint8)
+    for s in range(0, a.shape[0], _ROWS):
+        block = np.nan_to_num(a[s:s + _ROWS].astype(np.float64))
+        out[s:s + _ROWS] = np.clip(np.rint(block * (255.0 / full)), 0, 255)
+    return out
 
 
 def detect(g: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ One JSON line per photo, or per sampled video frame, on standard output (or ``--
 A video's lines add ``frame`` and ``time`` (seconds). A photo with no face gets ``"faces": []``
 and a line on standard error saying so. ``--annotate DIR`` writes each photo (and each sampled
 frame with a face) with its boxes and labels drawn; a video also gets a plot of each emotion's
-probability over time. A file that cannot be read is one line on standard error naming it, and
+probability over time. No drawing replaces an input, two inputs never share an output, and a
+file an earlier run left there is replaced only with ``--overwrite``. A file that cannot be read is one line on standard error naming it, and
 the other files still run.
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +83,7 @@ class Tally:
     faces: int = 0
     failed: list[str] = field(default_factory=list)
     skipped: int = 0
+    written: list[Path] = field(default_factory=list)  # this run's drawings and plots
 
 
 def _kind(path: Path) -> str:
@@ -114,6 +118,60 @@ def gather(inputs: list[str]) -> tuple[list[tuple[Path, Path]], int]:
             raise UsageError(f"{p}: not a regular file or a folder; give photos, videos or "
                              f"folders of them.")
     return out, skipped
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one input's drawings go: its annotated photo, or a video's frame folder and plot."""
+
+    photo: Path | None = None
+    frames: Path | None = None
+    plot: Path | None = None
+
+    def paths(self) -> list[Path]:
+        return [q for q in (self.photo, self.frames, self.plot) if q is not None]
+
+
+def _outputs_of(path: Path, name: Path, ann: Path | None, plot_dir: Path) -> Outputs:
+    if _kind(path) == "photo":
+        return Outputs(photo=ann / _annotated_name(name) if ann else None)
+    return Outputs(frames=ann / name.with_suffix("") if ann else None,
+                   plot=plot_dir / f"{name.with_suffix('')}.emotions.png")
+
+
+def _nth(name: Path, n: int) -> Path:
+    return name if n == 1 else name.with_name(f"{name.stem}-{n}{name.suffix}")
+
+
+def plan_outputs(files: list[tuple[Path, Path]], ann: Path | None, plot_dir: Path,
+                 overwrite: bool) -> list[Outputs]:
+    """Each input's outputs, decided before any work: no two inputs share one (``a.tif`` and
+    ``a.png`` both draw to a PNG, two folders may hold an ``x.jpg``: the later gets ``-2``), no
+    output is an input (never, whatever the flags: the user's photos are not drawn over), and
+    none exists already unless ``overwrite``."""
+    inputs = {os.path.realpath(f) for f, _ in files}
+    taken: set[str] = set()
+    plan = []
+    for path, name in files:
+        n = 1
+        while True:
+            out = _outputs_of(path, _nth(name, n), ann, plot_dir)
+            keys = {os.path.realpath(q) for q in out.paths()}
+            if not keys & taken:
+                break
+            n += 1
+        taken |= keys
+        for q in out.paths():
+            if os.path.realpath(q) in inputs:
+                raise UsageError(f"{q} is one of the inputs; drawing on it would replace the "
+                                 f"photo itself. Give --annotate (or --plots) another folder.")
+            if not overwrite and (q.is_file() or (q.is_dir() and any(q.iterdir()))
+                                  or (q.exists() and not q.is_dir())):
+                raise UsageError(f"{q} exists (an earlier run's output?); nothing was written. "
+                                 f"Give --annotate (or --plots) another folder, or pass "
+                                 f"--overwrite to replace what this run writes there.")
+        plan.append(out)
+    return plan
 
 
 def _face_records(boxes: np.ndarray, probs: np.ndarray) -> list[dict]:
@@ -161,18 +219,23 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"{path}: cannot be read ({e.strerror}).") from None
 
 
-def photo(model: serving.ServedModel, path: Path, name: Path, annotate: Path | None,
-          tta: bool | None) -> dict:
+def photo(model: serving.ServedModel, path: Path, out: Outputs, tta: bool | None,
+          wrote: list[Path]) -> dict:
     im = faces.open_image(_read_bytes(path), str(path))
-    [(boxes, probs)] = model.read_photos([faces.grey(im)], tta)
-    if annotate is not None:
-        _save_rgb(draw(np.asarray(im.convert("RGB")), boxes, probs),
-                  annotate / _annotated_name(name))
+    g = faces.grey(im, str(path))
+    [(boxes, probs)] = model.read_photos([g], tta)
+    if out.photo is not None:
+        try:
+            rgb = np.asarray(im.convert("RGB"))
+        except ValueError:  # a mode with no RGB (LAB): drawn on its grey
+            rgb = np.repeat(g[..., None], 3, axis=2)
+        _save_rgb(draw(rgb, boxes, probs), out.photo)
+        wrote.append(out.photo)
     return {"file": str(path), "faces": _face_records(boxes, probs)}
 
 
-def video(model: serving.ServedModel, path: Path, name: Path, annotate: Path | None,
-          plot_dir: Path, how: Every, tta: bool | None, bar: bool) -> Iterator[dict]:
+def video(model: serving.ServedModel, path: Path, out: Outputs, how: Every, tta: bool | None,
+          bar: bool, wrote: list[Path]) -> Iterator[dict]:
     """One record per sampled frame; the emotions-over-time plot once the video ends."""
     import cv2
 
@@ -202,10 +265,10 @@ def video(model: serving.ServedModel, path: Path, name: Path, annotate: Path | N
                     counts.append(len(boxes))
                     means.append(probs.mean(0) if len(boxes) else np.full(len(EMOTIONS),
                                                                           np.nan))
-                    if annotate is not None and len(boxes):
+                    if out.frames is not None and len(boxes):
                         rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                        _save_rgb(draw(rgb, boxes, probs),
-                                  annotate / name.with_suffix("") / f"frame_{index:06d}.jpg")
+                        _save_rgb(draw(rgb, boxes, probs), out.frames / f"frame_{index:06d}.jpg")
+                        wrote.append(out.frames / f"frame_{index:06d}.jpg")
                     rec = {"file": str(path), "frame": index}
                     if fps > 0:
                         rec["time"] = round(t, 3)
@@ -220,35 +283,36 @@ def video(model: serving.ServedModel, path: Path, name: Path, annotate: Path | N
     fig = plots.emotions_over_time(np.array(times), np.array(means), np.array(counts),
                                    f"{path.name}: emotions over time (mean over faces), "
                                    f"every {step} frame{'s' if step > 1 else ''}")
-    out = plot_dir / f"{name.with_suffix('')}.emotions.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    out.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out.plot, dpi=110)
     plots.close(fig)
-    print(f"{path}: {len(times)} frames sampled of {index}; emotions over time in {out}",
+    wrote.append(out.plot)
+    print(f"{path}: {len(times)} frames sampled of {index}; emotions over time in {out.plot}",
           file=sys.stderr)
 
 
 def run_predict(inputs: list[str], model_uri: str, sink: IO[str], annotate: str | None = None,
                 plots_dir: str | None = None, how: Every = Every(seconds=1.0),
-                tta: bool | None = None, bar: bool = True) -> Tally:
+                tta: bool | None = None, bar: bool = True, overwrite: bool = False) -> Tally:
     files, skipped = gather(inputs)
-    model = load(model_uri)
     ann = Path(annotate) if annotate else None
     plot_dir = Path(plots_dir) if plots_dir else (ann or Path("."))
+    plan = plan_outputs(files, ann, plot_dir, overwrite)
+    model = load(model_uri)
     tally = Tally(skipped=skipped)
     photos = [f for f in files if _kind(f[0]) == "photo"]
     with tqdm(total=len(photos), desc="photos", unit="photo", leave=False,
               disable=None if bar and len(photos) > 1 else True) as progress:
-        for path, name in files:
+        for (path, _), out in zip(files, plan):
             try:
                 if _kind(path) == "video":
-                    for rec in video(model, path, name, ann, plot_dir, how, tta, bar):
+                    for rec in video(model, path, out, how, tta, bar, tally.written):
                         tally.frames += 1
                         tally.faces += len(rec["faces"])
                         sink.write(json.dumps(rec) + "\n")
                     tally.videos += 1
                 else:
-                    rec = photo(model, path, name, ann, tta)
+                    rec = photo(model, path, out, tta, tally.written)
                     tally.photos += 1
                     tally.faces += len(rec["faces"])
                     if not rec["faces"]:
@@ -309,8 +373,19 @@ def _log_to_run(a: argparse.Namespace, tally: Tally, lines: str) -> None:
                             "frames": tally.frames, "faces": tally.faces,
                             "unreadable_files": len(tally.failed)})
         mlflow.log_text(lines, "predictions.jsonl")
-        for folder in {d for d in (a.annotate, a.plots) if d and Path(d).is_dir()}:
-            mlflow.log_artifacts(folder, Path(folder).name)
+        # This run's files only, each under its folder's name as before; whatever else the
+        # folder holds is not this run's.
+        for folder in dict.fromkeys(d for d in (a.annotate, a.plots) if d):
+            base = Path(folder)
+            mine = [f for f in tally.written if f.is_relative_to(base)]
+            if mine:
+                with tempfile.TemporaryDirectory() as tmp:
+                    for f in mine:
+                        dest = Path(tmp) / f.relative_to(base)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(f, dest)
+                    mlflow.log_artifacts(tmp, base.name)
+                tally.written = [f for f in tally.written if f not in mine]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                         "folder, else the current one)")
     p.add_argument("--every", type=every, default="1s", metavar="N|Ts",
                    help="sample videos every N frames, or every T seconds (e.g. 0.5s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files an earlier run left where this one draws (never an "
+                        "input: a photo is not drawn over)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the model's TTA views (default: as the model is served)")
     a = p.parse_args(argv)
@@ -341,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     sink = open(a.out, "w") if a.out else sys.stdout
     kept = _Kept(sink) if os.environ.get("MLFLOW_RUN_ID") or a.experiment else sink
     try:
-        tally = run_predict(a.inputs, a.model_uri, kept, a.annotate, a.plots, a.every, a.tta)
+        tally = run_predict(a.inputs, a.model_uri, kept, a.annotate, a.plots, a.every, a.tta,
+                            overwrite=a.overwrite)
     finally:
         if a.out:
             sink.close()

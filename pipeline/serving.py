@@ -15,8 +15,9 @@ Two kinds of request, told apart by their form:
 Refused, with a one-line reason as the 400's message and no server traceback: other shapes,
 values outside 0..255, NaN, a float batch already scaled to 0..1 (it would otherwise be read as
 a nearly black face and answered wrongly), bad base64, damaged images, and batches over the
-limits (:data:`MAX_FACES`, :data:`MAX_PHOTOS`; environment variables of the same names with a
-``FER_`` prefix change them).
+limits (:data:`MAX_FACES` over the whole request, photos' faces included; :data:`MAX_PHOTOS`;
+:data:`MAX_REQUEST_PIXELS`, all the photos' pixels, read from their headers before any is decoded;
+environment variables of the same names with a ``FER_`` prefix change them).
 
 The folder keeps the network as a state dict (floats in half precision: the folder travels
 with every checkout, and the scores hold; see the README) beside the run's resolved config, and
@@ -79,6 +80,10 @@ def _limit(name: str, default: int) -> int:
 # through `mlflow models serve` (the README has the figures): 2,000 leaves room for a slower one.
 MAX_FACES = 2000
 MAX_PHOTOS = 64
+# Pixels of all a request's photos together: 64 photos of a 12-megapixel phone. Decoding is the
+# photo path's cost (detection runs at DETECT_SIDE whatever the photo's size), and one photo is
+# held decoded at a time.
+MAX_REQUEST_PIXELS = 64 * 12_000_000
 
 
 def to_pixels(batch: Any) -> torch.Tensor:
@@ -209,7 +214,11 @@ class ServedModel:
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each grey photo, its face boxes (k, 4) and their probabilities (k, 7), all faces
         scored in one batch."""
-        found = [faces.faces(g) for g in greys]
+        return self.score_faces([faces.faces(g) for g in greys], tta)
+
+    def score_faces(self, found: list[tuple[np.ndarray, np.ndarray]], tta: bool | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(boxes, crops) per photo -> (boxes, probabilities) per photo, in one batch."""
         crops = np.concatenate([c for _, c in found])
         probs = self.probs(crops, tta) if len(crops) else np.zeros((0, len(EMOTIONS)))
         out, at = [], 0
@@ -233,12 +242,34 @@ class ServedModel:
         if len(photos) > limit:
             raise InputError(f"the request holds {len(photos)} photos; this server reads at most "
                              f"{limit} per request (FER_MAX_PHOTOS): send them in parts.")
-        greys = [faces.grey(faces.open_image(photo_bytes(v, i), f"image {i}"))
-                 for i, v in enumerate(photos)]
-        found = self.read_photos(greys)
+        found = self.score_faces(find_faces([photo_bytes(v, i) for i, v in enumerate(photos)]))
         rows = [(i, *b) for i, (boxes, _) in enumerate(found) for b in boxes.tolist()]
         head = pd.DataFrame(rows, columns=[IMAGE, *BOX], dtype=np.int64)
         return pd.concat([head, answer(np.concatenate([p for _, p in found]))], axis=1)
+
+
+def find_faces(blobs: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(boxes, crops) of each encoded photo. The request's pixels are counted from the photos'
+    headers before any is decoded (FER_MAX_REQUEST_PIXELS), the photos are decoded one at a
+    time (only their crops are kept), and the faces are counted over the whole request
+    (FER_MAX_FACES), so that neither many photos nor one tiled with faces takes more than a
+    request may."""
+    names = [f"image {i}" for i in range(len(blobs))]
+    pixels = sum(w * h for w, h in (faces.size_of(b, n) for b, n in zip(blobs, names)))
+    limit = _limit("MAX_REQUEST_PIXELS", MAX_REQUEST_PIXELS)
+    if pixels > limit:
+        raise InputError(f"the request's photos hold {pixels / 1e6:.0f} megapixels; this server "
+                         f"reads at most {limit / 1e6:.0f} per request "
+                         f"(FER_MAX_REQUEST_PIXELS): send them in parts, or smaller.")
+    most, found, count = _limit("MAX_FACES", MAX_FACES), [], 0
+    for blob, name in zip(blobs, names):
+        found.append(faces.faces(faces.grey(faces.open_image(blob, name), name)))
+        count += len(found[-1][0])
+        if count > most:
+            raise InputError(f"the request's photos hold more than {most} faces (found by "
+                             f"{name}); this server scores at most {most} per request "
+                             f"(FER_MAX_FACES): send the photos in parts.")
+    return found
 
 
 def classifier(cfg, net_state: dict[str, torch.Tensor]):

@@ -16,6 +16,8 @@ import mlflow
 import sqlalchemy
 from mlflow.exceptions import MlflowException
 
+from . import redact
+
 
 # Bounds on MLflow's HTTP retries: its defaults (7 retries, 120 s timeout) hang for minutes on a
 # dead tracking server before failing. Users can still set their own in the environment.
@@ -64,7 +66,8 @@ def check_reachable() -> None:
         if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:
             raise
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConnectionError(f"MLflow tracking store {uri} is not reachable: {msg}") from None
+        raise ConnectionError(f"MLflow tracking store {redact.url(uri)} is not reachable: "
+                              f"{redact.scrub(msg)}") from None
 
 
 def reachable() -> bool:
@@ -128,19 +131,46 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def owner_tag() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or '?'}"
+# Runs this pipeline owns carry an owner tag that starts with this; the sweep of dead runs looks
+# at no other run (a shared tracking server holds other people's, whose tags are theirs).
+OWNER_MARK = "fer-pipeline"
+
+
+def _scope() -> str:
+    """Which processes this one can see: its boot and its PID namespace. Containers that share
+    a hostname (and machines rebooted since) have another scope, and their pids mean nothing
+    here."""
+    parts = []
+    for f in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(f) if f.endswith("/pid") else Path(f).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
+
+
+def owner_prefix() -> str:
+    """The start of the owner tag of every run owned by a process this one can see."""
+    return f"{OWNER_MARK}@{socket.gethostname()}#{_scope()}:"
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """The owner tag of process ``pid`` (this one by default): the pipeline's mark, host and
+    scope, pid and start time (a pid reused later has another)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{owner_prefix()}{pid}:{_start_time(pid) or '?'}"
 
 
 def owner_alive(tag: str | None) -> bool | None:
-    """Whether the process named by an owner tag still runs; None when it is on another host."""
-    if not tag or tag.count(":") < 2:
+    """Whether the process named by an owner tag still runs: None (unknown) for any process
+    this one cannot see (another host, container or boot; a tag of another tool or of an older
+    version, which named no scope), False only for one in this scope that is gone."""
+    if not tag or not tag.startswith(owner_prefix()):
         return None
-    host, pid, start = tag.rsplit(":", 2)
-    if host != socket.gethostname():
+    pid, _, start = tag[len(owner_prefix()):].partition(":")
+    if not pid.isdigit():
         return None
     now = _start_time(int(pid))
     if now is None:
-        return False
+        return None if Path(f"/proc/{pid}").exists() else False  # there but unreadable
     return start == "?" or now == start  # a reused pid has another start time

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -22,10 +21,10 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from . import plots
+from . import plots, redact
 from .config import served_val_metric, unflatten
-from .stores import (TrackingLost, check_reachable, first_use_lock, owner_alive, owner_tag,
-                     quick_http, reachable)
+from .stores import (TrackingLost, check_reachable, first_use_lock, owner_alive, owner_prefix,
+                     owner_tag, quick_http, reachable)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fer2013"
@@ -130,13 +129,14 @@ def share_view(experiment_id: str, key: str, state: dict[str, Any]) -> str:
 
 
 def sweep_dead_runs() -> list[str]:
-    """Mark FAILED the RUNNING runs whose training process on this machine has died (a crash or
-    kill -9 left them RUNNING); every entry point does this as it starts."""
+    """Mark FAILED the RUNNING runs of this pipeline whose training process, one this process
+    can see (this machine, container and boot), has died (a crash or kill -9 left them
+    RUNNING); every entry point does this as it starts. No other run is looked at."""
     client = mlflow.MlflowClient()
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments(max_results=1000)],
         filter_string=f"attributes.status = 'RUNNING' and "
-                      f"tags.owner LIKE '{socket.gethostname()}:%'", max_results=1000)
+                      f"tags.owner LIKE '{owner_prefix()}%'", max_results=1000)
     dead = []
     for r in runs:
         if owner_alive(r.data.tags.get("owner")) is False:
@@ -198,8 +198,8 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
             with contextlib.suppress(Exception):
                 mlflow.end_run("FAILED")  # cannot be written either; the next sweep marks it
             raise TrackingLost(
-                f"the MLflow tracking store {mlflow.get_tracking_uri()} cannot be written: "
-                f"{_free_space_of(mlflow.get_tracking_uri())} (run {rid}); free some space, "
+                f"the MLflow tracking store {redact.url(mlflow.get_tracking_uri())} cannot be "
+                f"written: {_free_space_of(mlflow.get_tracking_uri())} (run {rid}); free some space, "
                 f"then continue from the run's last checkpoint with {resume}") from None
         if not _store_error(e) or reachable():
             with contextlib.suppress(Exception):
@@ -213,7 +213,8 @@ def run(name: str | None = None, parent_run_id: str | None = None, run_id: str |
             mlflow.end_run("FAILED")
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise TrackingLost(
-            f"the MLflow tracking store {mlflow.get_tracking_uri()} stopped answering during "
+            f"the MLflow tracking store {redact.url(mlflow.get_tracking_uri())} stopped answering "
+            f"during "
             f"run {rid} ({msg}); the run's checkpoint is kept: once the store is back, continue "
             f"with {resume}") from None
     else:

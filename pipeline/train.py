@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data as fer
-from . import serving, tracking
+from . import redact, serving, tracking
 from .cli import parser, run_main
 from .config import TOGGLES, Config, build, flatten, parse_set, to_yaml
 from .engine import (CudaGraphs, EarlyStopping, EpochCallback, Recipe, Runtime, StopRun,
@@ -429,7 +429,7 @@ def _check_resumable(run_id: str) -> None:
         status = run.info.status
     except MlflowException:
         raise UsageError(f"--resume {run_id}: no such run in the tracking store "
-                         f"{mlflow.get_tracking_uri()}.") from None
+                         f"{redact.url(mlflow.get_tracking_uri())}.") from None
     if status == "FINISHED":
         raise UsageError(f"--resume {run_id}: that run is FINISHED; there is nothing to resume "
                          f"(train a new run instead).")

@@ -5,14 +5,19 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, settings
 
 from pipeline.data import EMOTIONS
@@ -379,3 +384,61 @@ def pg_mlflow():
     with eng.connect() as c:
         c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     eng.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int, *extra: str, env: dict | None = None,
+                        log: Path | None = None) -> subprocess.Popen:
+    """A real `mlflow server` on loopback, its store and artifacts in ``folder``; returns once
+    it answers /health. ``extra``: more server flags (``--app-name basic-auth``)."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    p = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1", *extra],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+        # Tracking alone: the server's job runners are half a dozen more processes to start.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
+            if p.poll() is not None:
+                raise AssertionError("mlflow server exited at start"
+                                     + (f": {log.read_text()[-2000:]}" if log else ""))
+            time.sleep(0.3)
+    raise TimeoutError("mlflow server did not answer /health")
+
+
+def stop_server(p: subprocess.Popen) -> None:
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+
+
+def mini_study(tmp_path: Path, **toggle_overrides) -> Path:
+    """Two cells (the basic stage, and basic with BN: as the reference's +batchnorm and the
+    base's, which are the same cell) x 2 seeds: seconds per cell."""
+    bn = {"with": {"batchnorm": True}, "without": {"batchnorm": False}}
+    bn.update(toggle_overrides)
+    d = {"reference": "basic", "base": "basic", "ladder": ["basic"], "seeds": 2,
+         "reported": {"basic": 0.57}, "toggles": {"batchnorm": bn, "tta": {"eval_only": True}},
+         "profiles": {"smoke": {"set": TINY, "log_models": False}}}
+    p = tmp_path / "mini.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def child_runs(study_name: str):
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.study = '{study_name}' and tags.cell != ''")

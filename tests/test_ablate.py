@@ -22,26 +22,8 @@ from scipy import stats as scipy_stats
 from pipeline import study as lifecycle
 from pipeline.plan import load_study, pairs
 from pipeline.cli import UsageError
-from tests.conftest import (PG, ROOT, TINY, ablate_study, freeze_mid_trial, run_cli, start_cli,
-                            wait_until_complete)
-
-
-def mini_study(tmp_path: Path, **toggle_overrides) -> Path:
-    """Two cells (the basic stage, and basic with BN: as the reference's +batchnorm and the
-    base's, which are the same cell) x 2 seeds: seconds per cell."""
-    bn = {"with": {"batchnorm": True}, "without": {"batchnorm": False}}
-    bn.update(toggle_overrides)
-    d = {"reference": "basic", "base": "basic", "ladder": ["basic"], "seeds": 2,
-         "reported": {"basic": 0.57}, "toggles": {"batchnorm": bn, "tta": {"eval_only": True}},
-         "profiles": {"smoke": {"set": TINY, "log_models": False}}}
-    p = tmp_path / "mini.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
-
-
-def child_runs(study_name: str):
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.study = '{study_name}' and tags.cell != ''")
+from tests.conftest import (PG, ROOT, ablate_study, child_runs, freeze_mid_trial,
+                            mini_study, run_cli, start_cli, wait_until_complete)
 
 
 @pytest.mark.slow

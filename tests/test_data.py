@@ -59,6 +59,26 @@ def test_changed_file_is_never_served_stale(kaggle_csv):
     np.testing.assert_array_equal(second.images, images)
 
 
+@pytest.mark.parametrize("labels", [[7], [-1], [255], "float", "object"])
+def test_a_well_formed_cache_entry_with_labels_outside_the_emotions_is_a_miss(kaggle_csv,
+                                                                              labels):
+    first = fer.load(kaggle_csv)
+    (entry,) = fer.cache_dir().glob("*.npz")
+    bad = first.labels.copy()
+    if labels == "float":
+        bad = bad.astype(np.float64) + 0.5
+    elif labels == "object":
+        bad = bad.astype(str)
+    else:
+        bad[len(bad) // 2] = labels[0]
+    with open(entry, "wb") as fh:  # as another user of a shared FER_CACHE_DIR could write it
+        np.savez(fh, images=first.images, labels=bad, usage=first.usage)
+    d = fer.load(kaggle_csv)
+    assert not d.from_cache
+    np.testing.assert_array_equal(d.labels, first.labels)
+    assert fer.load(kaggle_csv).from_cache  # rewritten from the source
+
+
 @pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "flip_header",
                                     "flip_images", "flip_directory"])
 def test_damaged_cache_is_a_miss_and_is_rewritten(kaggle_csv, damage):

@@ -6,18 +6,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from pipeline import stores, tracking
-from tests.conftest import ROOT, start_cli
+from tests.conftest import ROOT, free_port, start_cli, start_mlflow_server, stop_server
 
 BASIC = str(ROOT / "ablations/stages/basic.yaml")
 SIX_EPOCHS = "epochs=6 width=0.125 batch_size=16 checkpoint_every_s=0 device=cpu"
@@ -102,54 +99,21 @@ def test_a_live_run_on_another_process_is_not_marked_failed(tmp_path):
         assert tracking.sweep_dead_runs() == []
     assert mlflow.get_run(rid).info.status == "FINISHED"
     assert stores.owner_alive(stores.owner_tag()) is True
-    assert stores.owner_alive("another-host:1:1") is None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    p = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        # Tracking alone: the server's job runners are half a dozen more processes to start.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return p
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError("mlflow server exited at start")
-            time.sleep(0.3)
-    raise TimeoutError("mlflow server did not answer /health")
-
-
-def _stop_server(p: subprocess.Popen) -> None:
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=30)
+    assert stores.owner_alive(stores.owner_tag().replace("@", "@another-host.")) is None
 
 
 @pytest.mark.slow
 def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kaggle_csv,
                                                                            tmp_path):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {"MLFLOW_TRACKING_URI": uri}
-    server = _start_server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         p = _start_training(kaggle_csv, env)
         _stop_after_epoch(p, 2)
         run_id = _the_run(uri).info.run_id
-        _stop_server(server)
+        stop_server(server)
         p.send_signal(signal.SIGCONT)
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2, err[-3000:]
@@ -159,7 +123,7 @@ def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kagg
         assert f"--resume {run_id}" in line
         assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
 
-        server = _start_server(tmp_path, port)
+        server = start_mlflow_server(tmp_path, port)
         r = _resume(kaggle_csv, run_id, env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
@@ -167,7 +131,7 @@ def test_tracking_server_dying_mid_training_stops_with_one_line_and_resumes(kagg
         assert _epochs_logged(run_id, uri) == list(range(1, 7))
     finally:
         if server.poll() is None:
-            _stop_server(server)
+            stop_server(server)
 
 
 @pytest.mark.parametrize("uri", ["postgresql://postgres@127.0.0.1:1/test",

@@ -291,13 +291,13 @@ def test_any_photo_is_read_or_refused_by_name_in_predict_and_in_a_served_request
     """Every mode, size from 1x1, truncated anywhere or claiming more pixels than the limit:
     `pipeline.predict` writes a record or one error line naming the file, and a served photo
     request answers rows within the photo or an InputError naming the image."""
-    from pipeline.predict import photo as read_photo
+    from pipeline.predict import Outputs, photo as read_photo
 
     blob, whole = photo
     path = tmp_path / "photo.img"
     path.write_bytes(blob)
     try:
-        rec = read_photo(shipped, path, Path("photo.img"), None, None)
+        rec = read_photo(shipped, path, Outputs(), None, [])
     except InputError as e:
         assert str(e).startswith(str(path)) and "\n" not in str(e)
         refused = True

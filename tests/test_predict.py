@@ -296,6 +296,73 @@ def test_requests_over_the_limits_are_refused_at_once(model, monkeypatch, astron
         model.predict({"image": [buf.getvalue()] * 3})
 
 
+def test_faces_are_counted_over_the_whole_photo_request(model, monkeypatch, astronaut):
+    """Each photo under the limit, the request over it: refused before any face is scored."""
+    two = _encoded(Image.fromarray(np.hstack([astronaut, astronaut])))
+    monkeypatch.setenv("FER_MAX_FACES", "3")
+    assert len(model.predict({"image": [two]})) == 2
+    with pytest.raises(serving.InputError,
+                       match=r"more than 3 faces \(found by image 1\).*FER_MAX_FACES"):
+        model.predict({"image": [two, two]})
+
+
+def test_a_request_s_pixels_are_counted_from_the_headers_before_any_photo_is_decoded(
+        model, monkeypatch):
+    big = _encoded(Image.new("L", (1000, 1000)))
+    monkeypatch.setenv("FER_MAX_REQUEST_PIXELS", "1500000")
+    assert len(model.predict({"image": [big]})) == 0
+    # Over the budget, and the second photo's data is cut off: the budget speaks first, so
+    # nothing was decoded to find it out.
+    with pytest.raises(serving.InputError, match=r"hold 2 megapixels; this server reads at "
+                                                 r"most 2 per request \(FER_MAX_REQUEST_PIXELS\)"):
+        model.predict({"image": [big, big[: len(big) // 2]]})
+
+
+def _lab_tiff(rgb: np.ndarray) -> bytes:
+    lab = Image.fromarray(rgb).convert("RGB")
+    lightness = Image.fromarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[..., 0])
+    return _encoded(Image.merge("LAB", [lightness, *lab.split()[1:]]), "TIFF")
+
+
+def _png_with_exif(payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    png = _encoded(Image.new("L", (64, 64)))
+    body = b"eXIf" + payload
+    chunk = struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:33] + chunk + png[33:]  # after the 33 bytes of signature and IHDR
+
+
+@pytest.mark.parametrize("mode", sorted(Image.MODES))
+def test_every_pillow_mode_reads_as_8_bit_grey_or_is_refused_naming_the_photo(mode):
+    """In memory and through every format that stores the mode: 8-bit grey of the photo's
+    shape, or an InputError that names it; never another exception (a served answer would
+    carry its traceback, and `predict` would stop the whole folder on it)."""
+    src = Image.new(mode, (40, 30))
+    assert faces.grey(src, "p").shape == (30, 40)
+    for fmt in ("TIFF", "PNG", "JPEG", "BMP", "WEBP", "GIF"):
+        buf = io.BytesIO()
+        try:
+            src.save(buf, fmt)
+        except (OSError, ValueError, KeyError):
+            continue  # the format does not store this mode
+        try:
+            g = faces.grey(faces.open_image(buf.getvalue(), "p.x"), "p.x")
+        except serving.InputError as e:
+            assert str(e).startswith("p.x: "), e
+        else:
+            assert g.dtype == np.uint8 and g.shape == (30, 40), (fmt, g.shape)
+
+
+def test_a_lab_tiff_is_read_by_its_lightness_and_broken_exif_is_an_input_error(model,
+                                                                               astronaut):
+    out = model.predict({"image": [_lab_tiff(astronaut)]})
+    assert len(out) == 1  # her face, found on the lightness band
+    with pytest.raises(serving.InputError, match=r"^image 0: the image is damaged"):
+        model.predict({"image": [_png_with_exif(b"garbage!!")]})
+
+
 def test_the_detector_is_safe_to_share_between_threads(astronaut):
     """`mlflow models serve` answers requests on several threads at once."""
     canvas, places = _paste_astronaut_faces(astronaut)
@@ -323,6 +390,8 @@ def test_with_an_experiment_the_results_are_also_a_run(astronaut, tmp_path):
     import mlflow
 
     Image.fromarray(astronaut).save(tmp_path / "a.png")
+    (tmp_path / "drawn").mkdir()
+    (tmp_path / "drawn" / "earlier.png").write_bytes(b"another run's file")
     r = run_cli("pipeline.predict", str(tmp_path / "a.png"), "--experiment", "faces",
                 "--annotate", str(tmp_path / "drawn"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -332,7 +401,44 @@ def test_with_an_experiment_the_results_are_also_a_run(astronaut, tmp_path):
     logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/predictions.jsonl")
     assert [json.loads(x) for x in logged.splitlines()] == _lines(r.stdout)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "drawn")}
-    assert arts == {"drawn/a.png"}
+    assert arts == {"drawn/a.png"}  # this run's drawing, not what the folder held before
+
+
+def test_outputs_are_planned_unique_and_never_an_input(tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.predict import gather, plan_outputs
+
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / sub / "x.png")
+    Image.new("L", (8, 8)).save(tmp_path / "a" / "x.tif")
+    files, _ = gather([str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                       str(tmp_path / "a" / "x.tif")])
+    out = tmp_path / "out"
+    plan = plan_outputs(files, out, out, overwrite=False)
+    assert [o.photo for o in plan] == [out / "x.png", out / "x-2.png", out / "x-3.png"]
+
+    # Drawing into the inputs' own folder would draw over them: refused, flags or not.
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="is one of the inputs"):
+            plan_outputs(files[:1], tmp_path / "a", tmp_path / "a", overwrite)
+    # An earlier run's output is replaced only when asked.
+    out.mkdir()
+    (out / "x.png").write_bytes(b"earlier")
+    with pytest.raises(UsageError, match=r"x\.png exists .*--overwrite"):
+        plan_outputs(files, out, out, overwrite=False)
+    assert plan_outputs(files, out, out, overwrite=True)[0].photo == out / "x.png"
+
+
+@pytest.mark.slow
+def test_annotate_refuses_before_any_work_and_leaves_the_photos_as_they_were(astronaut,
+                                                                             tmp_path):
+    Image.fromarray(astronaut).save(tmp_path / "a.jpg")
+    before = (tmp_path / "a.jpg").read_bytes()
+    r = run_cli("pipeline.predict", str(tmp_path / "a.jpg"), "--annotate", str(tmp_path))
+    assert r.returncode == 2 and r.stdout == ""
+    assert "is one of the inputs" in _one_error_line(r.stderr)
+    assert (tmp_path / "a.jpg").read_bytes() == before
 
 
 def _encoded(im: Image.Image, fmt: str = "PNG") -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pipeline import serving
 from pipeline.config import Config
 from pipeline.data import EMOTIONS
 from pipeline.models import build_model
-from tests.conftest import ROOT, make_faces
+from tests.conftest import ROOT, free_port, make_faces
 
 FACES = make_faces({"Training": 1})[0][:4]  # uint8 (4, 48, 48)
 
@@ -151,12 +150,6 @@ def test_unreadable_batches_are_refused_with_a_reason(model, bad, needle):
     assert needle in str(e.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -169,7 +162,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 def _serve(folder: Path):
     """`mlflow models serve` on a folder, on loopback; yields its /invocations URL."""
-    port = _free_port()
+    port = free_port()
     bindir = Path(sys.executable).parent
     # `mlflow models serve` starts uvicorn by name: the venv's bin must be on PATH (activated).
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}

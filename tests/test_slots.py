@@ -28,9 +28,8 @@ from pipeline.errors import TrainingError
 from pipeline.slots import Pool, measure_concurrent
 from pipeline.study import Eta
 from pipeline.train import Trainer
-from tests.conftest import ROOT, TINY, start_cli
+from tests.conftest import ROOT, child_runs, mini_study, start_cli
 from tests.solo_reference import PINNED_ENV
-from tests.test_ablate import child_runs, mini_study
 
 # cuBLAS is deterministic across streams only with a fixed workspace, read when its first handle
 # is made: set here, at collection, before any test touches a GPU (the GPU test below).

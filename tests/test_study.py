@@ -250,14 +250,18 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_folder(tmp_pa
     assert not (elsewhere / "mlruns").exists()
 
 
-def _dead_owner() -> str:
-    import socket
-
+def _dead_pid() -> int:
     pid = os.fork()  # a child that ends at once: its pid names no live process once reaped
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
-    return f"{socket.gethostname()}:{pid}:?"
+    return pid
+
+
+def _dead_owner() -> str:
+    from pipeline.stores import owner_prefix
+
+    return f"{owner_prefix()}{_dead_pid()}:?"
 
 
 def test_a_study_parent_has_an_owner_from_its_first_write_and_outlives_it():
@@ -288,10 +292,7 @@ def test_a_study_parent_has_an_owner_from_its_first_write_and_outlives_it():
 
     alive = subprocess.Popen(["sleep", "60"])
     try:
-        from pipeline.stores import _start_time
-        import socket
-
-        other = f"{socket.gethostname()}:{alive.pid}:{_start_time(alive.pid)}"
+        other = owner_tag(alive.pid)
         client.set_tag(parent, "owner", other)
         assert tracking.sweep_dead_runs() == []
         lifecycle.take_over_parent(parent, entry_run=None)
@@ -299,6 +300,32 @@ def test_a_study_parent_has_an_owner_from_its_first_write_and_outlives_it():
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_the_sweep_marks_only_this_pipeline_s_runs_of_processes_it_can_see():
+    """On a shared tracking server: another tool's run with an "owner" tag, a run of another
+    container with this hostname (its pid means nothing here), and a run whose tag names no
+    scope (an older version's) are left RUNNING, whatever their pid; this scope's dead one
+    is swept."""
+    import socket
+
+    from pipeline.stores import owner_alive, owner_prefix
+
+    exp = tracking.setup("shared")
+    client = mlflow.MlflowClient()
+    dead = _dead_pid()
+    host = socket.gethostname()
+    container = owner_prefix().replace(owner_prefix().split("#")[1], "0123456789:")
+    tags = {"another tool": f"{host}:{dead}:?", "another container": f"{container}{dead}:?",
+            "unseen": "someone", "this scope": f"{owner_prefix()}{dead}:?"}
+    ids = {what: client.create_run(exp.id(), tags={"owner": tag}).info.run_id
+           for what, tag in tags.items()}
+    assert tracking.sweep_dead_runs() == [ids["this scope"]]
+    for what, rid in ids.items():
+        assert client.get_run(rid).info.status == ("FAILED" if what == "this scope"
+                                                   else "RUNNING"), what
+    assert owner_alive(f"{container}{dead}:?") is None
+    assert owner_alive(f"{host}:{dead}:?") is None
 
 
 def test_the_command_takes_the_entry_run_off_the_environment_and_the_library_leaves_it(

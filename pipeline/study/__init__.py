@@ -25,7 +25,7 @@ estimate and the bar).
 
 from __future__ import annotations
 
-from .command import (Deadline, StudyOptions, add_study_args, again, deadline, options,
+from .command import (STORAGE_ENV, Deadline, StudyOptions, add_study_args, again, deadline, options,
                       parse_duration, resolve_profile, resumable, say_stopped, start, study_name,
                       worker_threads)
 from .file import PROFILES, check_budget, read_study_file
@@ -38,7 +38,7 @@ from .queue import (OUT_OF_MEMORY, UNIT_FAILURES, BugCount, Heartbeat, Result,
                     unit, units_own, wait_for_others)
 
 __all__ = [
-    "Deadline", "StudyOptions", "add_study_args", "again", "deadline", "parse_duration",
+    "STORAGE_ENV", "Deadline", "StudyOptions", "add_study_args", "again", "deadline", "parse_duration",
     "options", "resolve_profile", "say_stopped", "resumable",
     "start", "study_name", "worker_threads", "PROFILES", "check_budget", "read_study_file",
     "Opened", "attach_entry_run", "check_parent_here", "create_parent", "find_run",

@@ -18,12 +18,16 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import data as fer
-from .. import tracking
+from .. import redact, tracking
 from ..cli import Number
 from ..errors import UsageError
 from ..numbers import WHOLE_0, WHOLE_1, NumberError, Range, parse, shown
 from .file import PROFILES
 from .progress import duration
+
+
+# Where a worker's helpers find the storage URL: their environment, not their command line.
+STORAGE_ENV = "FER_STORAGE"
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,11 @@ def add_study_args(p: argparse.ArgumentParser, default_storage: str,
     p.add_argument("--data", required=True, help="FER2013 in any supported layout")
     p.add_argument("--profile", default=default_profile, choices=(*PROFILES, "auto"),
                    help="the study's budget; auto: full on a CUDA GPU, quick on a CPU")
-    p.add_argument("--storage", default=default_storage,
-                   help="Optuna storage shared by the workers; postgresql://user@host/db to "
-                        "share it between machines")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or default_storage,
+                   help=f"Optuna storage shared by the workers (or {STORAGE_ENV} in the "
+                        f"environment); postgresql://user@host/db to share it between machines, "
+                        f"its password in ~/.pgpass or PGPASSWORD, never in this URL under "
+                        f"`mlflow run`")
     p.add_argument("--study-name", default=None)
     p.add_argument("--heartbeat", type=Number(WHOLE_1), default=20,
                    help="seconds between worker heartbeats")
@@ -76,6 +82,8 @@ def start(a: argparse.Namespace, check: Callable[[str], Any], jobs: int = 1,
     over ``jobs`` x ``concurrent`` units at once), its profile, ``check(profile)`` of its file
     and the data's source (a bad one fails before any store is created or migrated), its
     experiment, and the runs of dead workers on this machine swept."""
+    redact.remember(a.storage)
+    redact.refuse_logged(a.storage, os.environ.get("MLFLOW_RUN_ID"))
     torch.set_num_threads(a.threads or worker_threads(jobs, concurrent))
     profile = resolve_profile(a.profile)
     check(profile)
@@ -121,8 +129,10 @@ def resolve_profile(profile: str) -> str:
 
 def again(module: str, argv: list[str] | None, under_mlflow_run: bool) -> str:
     """The exact command that continues a study, in words."""
-    return ("the same `mlflow run` command" if under_mlflow_run else
-            f"`{shlex.join(['python', '-m', module, *(sys.argv[1:] if argv is None else argv)])}`")
+    if under_mlflow_run:
+        return "the same `mlflow run` command"
+    words = ["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    return f"`{shlex.join(redact.argv(words))}`"
 
 
 def say_stopped(module: str, argv: list[str] | None, under_mlflow_run: bool) -> None:

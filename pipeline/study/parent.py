@@ -13,7 +13,7 @@ import mlflow
 import optuna
 from mlflow.exceptions import MlflowException
 
-from .. import tracking
+from .. import redact, tracking
 from ..errors import UsageError
 from ..stores import owner_alive, owner_tag
 from .command import StudyOptions
@@ -123,10 +123,10 @@ def check_parent_here(study: optuna.Study, url: str) -> None:
         gone = True
     if gone:
         where = (f"remove {url[len('sqlite:///'):]}" if url.startswith("sqlite:///")
-                 else f"delete study {study.study_name!r} from {url}")
+                 else f"delete study {study.study_name!r} from {redact.url(url)}")
         raise UsageError(
             f"study {study.study_name!r} was begun against another MLflow tracking store: its "
-            f"parent run {parent} is not in {mlflow.get_tracking_uri()}. To start over here, "
+            f"parent run {parent} is not in {redact.url(mlflow.get_tracking_uri())}. To start over here, "
             f"{where} or pass --study-name with a new name; to continue it, point "
             f"MLFLOW_TRACKING_URI at the store that holds that run.")
 

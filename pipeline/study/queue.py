@@ -20,6 +20,7 @@ from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session as rdb_session
 from optuna.trial import FrozenTrial, TrialState
 
+from .. import redact
 from ..errors import EXPECTED, RepeatedFailure
 from ..slots import OutOfMemory
 from ..stores import TrackingLost, first_use_lock
@@ -87,8 +88,8 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
                 heartbeat_stale_trial_callback=RETRY(max_retry=3),
                 engine_kwargs=kwargs)
     except Exception as e:  # sqlalchemy/psycopg2 raise many kinds; all mean the same here
-        raise ConnectionError(f"Optuna storage {url} is not usable: "
-                              f"{str(e).splitlines()[0][:300]}") from None
+        raise ConnectionError(f"Optuna storage {redact.url(url)} is not usable: "
+                              f"{redact.scrub(str(e).splitlines()[0][:300])}") from None
 
 
 def fail_stale(study: optuna.Study) -> None:

@@ -81,7 +81,7 @@ def check_same_study(st: optuna.Study, s: StudyPlan, digest: str) -> None:
 
 def run_cell(s: StudyPlan, study_name: str, cell: Cell, seed: int, data: fer.FerData,
              parent: str) -> RunResult:
-    done, earlier = lifecycle.unit_runs(study_name, cell=cell.name, seed=seed)
+    done, earlier = lifecycle.unit_runs(study_name, parent, cell=cell.name, seed=seed)
     if done is not None:
         return RunResult.of_run(done)
     cfg = s.config(cell, seed)
@@ -247,7 +247,8 @@ class CellWorker:
     def run_unit(self, slot: Slot, tid: int, cell: Cell, seed: int) -> None:
         with lifecycle.unit(self.st, tid, self.heartbeat, f"cell {cell.name} seed {seed}",
                             bugs=self.bugs, run_of=partial(lifecycle.run_id_of, self.st.study_name,
-                                                           cell=cell.name, seed=seed)) as out:
+                                                           self.parent, cell=cell.name,
+                                                           seed=seed)) as out:
             slot.label, t0 = f"{cell.name} s{seed}", time.time()
             self.say_start(slot, cell, seed)
             res = run_cell(self.s, self.st.study_name, cell, seed, self.data, self.parent)
@@ -367,8 +368,8 @@ def run_ablate(o: AblateOptions, exp: tracking.Experiment | None = None) -> Abla
                        took_part=counts.took_part)
     timing = timing_line(opened.study, time.time() - began)
     lifecycle.finish_parent(opened.parent, opened.entry_run)
-    registered = (lifecycle.register(f"tags.study = '{name}'", o.study.register, o.study.alias)
-                  if o.study.register else None)
+    registered = (lifecycle.register(lifecycle.own_runs(opened.study), o.study.register,
+                                     o.study.alias) if o.study.register else None)
     return replace(out, trained=counts.trained, failed=counts.failed, report=text,
                    timing=timing, registered=registered)
 

@@ -11,10 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from mlflow.exceptions import MlflowException
+
 from . import numbers, redact
 from .errors import EXPECTED, UsageError, TrainingError, one_line  # noqa: F401 (imported from here too)
 from .numbers import Range
-from .stores import bound_retries
+from .stores import bound_retries, refusal
 
 
 class Number:
@@ -127,6 +129,13 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except EXPECTED as e:
         # One line: the terminal wraps it, and grep and logs keep it whole.
         print(f"error: {redact.scrub(one_line(str(e)))}", file=sys.stderr)
+        sys.exit(2)
+    except MlflowException as e:
+        # A tracking server's authentication refusing a write (403) or the account (401): the
+        # first write refused, so nothing of this command's was written there.
+        if refusal(e) is None:
+            raise
+        print(f"error: {redact.scrub(refusal(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

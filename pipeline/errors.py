@@ -39,7 +39,7 @@ class RepeatedFailure(RuntimeError):
 
 # What an entry point reports in one line (exit 2) instead of a traceback.
 EXPECTED = (DataError, ConfigError, UsageError, TrainingError, InputError, ConnectionError,
-            FileNotFoundError, RepeatedFailure)
+            FileNotFoundError, PermissionError, RepeatedFailure)
 
 
 def one_line(message: str) -> str:

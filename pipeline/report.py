@@ -33,10 +33,7 @@ class Collected:
 
 
 def collect(st: optuna.Study) -> Collected:
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.study = '{st.study_name}' and "
-                                            f"attributes.status = 'FINISHED'")
-    cells = [r for r in runs if "cell" in r.data.tags]
+    cells = [r for r in lifecycle.own_runs(st) if "cell" in r.data.tags]
     out = Collected({}, [], wall_s=(max(r.info.end_time for r in cells) -
                                     min(r.info.start_time for r in cells)) / 1000
                     if cells else None)

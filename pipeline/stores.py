@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,28 @@ def _is_db(uri: str) -> bool:
     return uri.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql")
 
 
+_REFUSED = re.compile(r"endpoint (\S+) failed with error code (401|403)\b")
+
+
+def refusal(e: BaseException) -> str | None:
+    """A tracking server's 401 or 403 (MLflow's authentication) in words: who was refused, and
+    what to do; None for any other error."""
+    m = _REFUSED.search(str(e))
+    if m is None:
+        return None
+    uri = redact.url(mlflow.get_tracking_uri())
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if m.group(2) == "401":
+        who = (f"user {user!r} with that password was not accepted" if user else
+               "no user and password were given")
+        return (f"the MLflow tracking server {uri} refused this command: {who} (401). Set "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the account its "
+                f"admin gave you (docs/many-machines.md).")
+    return (f"the MLflow tracking server {uri} refused user {user!r} at {m.group(1)} (403): "
+            f"the account may not write there. Ask the server's admin for EDIT on the "
+            f"experiment (MANAGE on a registered model), or use an experiment of your own.")
+
+
 def check_reachable() -> None:
     """Fail in seconds, before any training, when the tracking store cannot be reached."""
     uri = mlflow.get_tracking_uri()
@@ -65,6 +88,8 @@ def check_reachable() -> None:
     except Exception as e:  # MlflowException, OSError, sqlalchemy's and the drivers' errors
         if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:
             raise
+        if refusal(e):
+            raise PermissionError(refusal(e)) from None
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"MLflow tracking store {redact.url(uri)} is not reachable: "
                               f"{redact.scrub(msg)}") from None

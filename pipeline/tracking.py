@@ -309,20 +309,33 @@ def best_served(runs: list) -> Any:
     return max(scored, key=served_val_acc) if scored else None
 
 
-def register_best(filter_string: str, name: str, alias: str) -> dict[str, Any] | None:
+def model_of(run) -> str | None:
+    """The model ``run`` logged itself: its ``model_uri`` tag where that names a model whose
+    source run is this run (a tag anyone with write access could point elsewhere)."""
+    uri = run.data.tags.get("model_uri", "")
+    if uri.startswith(f"runs:/{run.info.run_id}/"):
+        return uri
+    if uri.startswith("models:/m-"):
+        try:
+            model = mlflow.get_logged_model(uri[len("models:/"):].split("/", 1)[0])
+        except MlflowException:
+            return None
+        return uri if model.source_run_id == run.info.run_id else None
+    return None
+
+
+def register_best(runs: list, name: str, alias: str) -> dict[str, Any] | None:
     """Register the model of the finished run with the best served val accuracy
-    (:func:`served_val_acc`) among those matching ``filter_string`` (selected on val, never on
-    test) as a new version of ``name``, and point ``alias`` at it. None when no such run logged
-    a model."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"{filter_string} and attributes.status = "
-                                            f"'FINISHED' and tags.model_uri != ''")
+    (:func:`served_val_acc`) among ``runs`` (selected on val, never on test) as a new version of
+    ``name``, and point ``alias`` at it; only a model the run logged itself counts. None when
+    no such run logged a model."""
+    runs = [r for r in runs if r.info.status == "FINISHED" and model_of(r)]
     best = best_served(runs)
     if best is None:
         return None
     acc = served_val_acc(best)
     kind = _served_metric(best)
-    version = mlflow.register_model(best.data.tags["model_uri"], name)
+    version = mlflow.register_model(model_of(best), name)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "selected_by", f"best {kind}")

@@ -127,11 +127,12 @@ def work(st: optuna.Study, space: Space, data: fer.FerData, o: "TuneOptions",
         with lifecycle.unit(st, trial_id(trial), o.study.heartbeat, f"trial {trial.number}",
                             tell=lambda state, v, t=trial: st.tell(t, v, state=state), bugs=bugs,
                             run_of=partial(lifecycle.run_id_of, st.study_name,
+                                           st.user_attrs["parent_run_id"],
                                            trial=trial.number)) as out:
             print(f"[{len(counted(st)) + 1}/{n_trials}] trial {trial.number}", flush=True)
             out.value = run_trial(st, space, data, trial, o.seed)
         mine[out.state] += 1
-        run = find_run(st.study_name, trial=trial.number)
+        run = find_run(st.study_name, st.user_attrs["parent_run_id"], trial=trial.number)
         if run is not None:
             if out.reason:
                 mlflow.MlflowClient().set_tag(run.info.run_id, "error", out.reason[:500])
@@ -256,11 +257,14 @@ def retrain_best(st: optuna.Study, space: Space, data: fer.FerData, seeds: list[
     runs: dict[str, dict[int, dict[str, Any]]] = {"best": {}, "base": {}}
     for label, params in (("best", best_params), ("base", {})):
         for sd in seeds:
-            done, earlier = lifecycle.unit_runs(st.study_name, role=f"retrain-{label}", seed=sd)
+            done, earlier = lifecycle.unit_runs(st.study_name, parent, role=f"retrain-{label}",
+                                                seed=sd)
             r = RunResult.of_run(done) if done is not None else train(
                 space.config(params, space.retrain, sd), data, run_name=f"retrain {label} s{sd}",
                 parent_run_id=parent, tags={"study": st.study_name, "role": f"retrain-{label}"},
                 resume_run_id=earlier.info.run_id if earlier else None)
+            # In the storage, as the ablation's units are: what --register may choose from.
+            st.set_user_attr(f"retrain-{label}-s{sd}", r.run_id)
             runs[label][sd] = {"run_id": r.run_id, **{k: r.metrics.get(k) for k in (
                 "val_acc", "val_acc_tta", "test_acc", "test_acc_tta")}}
     # On test only: val chose each retrain's epoch, so a val difference is one of two maxima.
@@ -329,9 +333,11 @@ def run_tune(o: TuneOptions, exp: tracking.Experiment | None = None) -> dict[str
         fresh = [o.seed + 1 + i for i in range(o.retrain_seeds)]
         summary["retrain"] = retrain_best(st, space, data, fresh, s.best_params)
         if o.study.register:
-            summary["registered"] = lifecycle.register(
-                f"tags.study = '{name}' and tags.role = 'retrain-best'", o.study.register,
-                o.study.alias)
+            mine = {st.user_attrs.get(f"retrain-best-s{sd}") for sd in fresh}
+            best = [r for r in lifecycle.study_runs(st.study_name, st.user_attrs["parent_run_id"],
+                                                    "tags.role = 'retrain-best'")
+                    if r.info.run_id in mine]
+            summary["registered"] = lifecycle.register(best, o.study.register, o.study.alias)
     if not st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         lifecycle.finish_parent(opened.parent, opened.entry_run)
     return summary

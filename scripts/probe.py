@@ -1,4 +1,5 @@
-"""Replay the README's "What survives a failure" table end to end, as a user meets each fault:
+"""Replay the README's "What survives a failure" table end to end, as a user meets each fault
+(and, from scripts/probe_security.py, a row per finding of the security review):
 the real commands in processes of their own, stopped with real signals, on real full disks
 (a tmpfs; a file-size limit where this machine cannot mount one) and a real tracking server
 killed mid-run. Prints OK or NOT OK (with what was seen) per row; exits 1 if any row is not OK.
@@ -508,6 +509,10 @@ ROWS: dict[str, Callable[[World], None]] = {
 
 
 def main(argv: list[str]) -> int:
+    sys.modules.setdefault("probe", sys.modules[__name__])  # one module, whoever imports it
+    from probe_security import ROWS as SECURITY
+
+    ROWS.update(SECURITY)
     chosen = [k for k in ROWS if not argv or any(a.lower() in k for a in argv)]
     if not chosen:
         print(f"no row matches {argv}; rows: {', '.join(ROWS)}", file=sys.stderr)

@@ -21,6 +21,7 @@ from scipy import stats as scipy_stats
 
 from pipeline import study as lifecycle
 from pipeline.plan import load_study, pairs
+from pipeline.report import collect
 from pipeline.cli import UsageError
 from tests.conftest import (PG, ROOT, ablate_study, child_runs, freeze_mid_trial,
                             mini_study, run_cli, start_cli, wait_until_complete)
@@ -217,6 +218,47 @@ def test_register_puts_the_best_val_model_in_the_registry(kaggle_csv, tmp_path):
     model = mlflow.pyfunc.load_model("models:/fer-best@champion")
     pred = model.predict(np.zeros((2, 48, 48), np.uint8) + 100)
     assert list(pred.columns)[-1] == "label" and len(pred) == 2
+
+
+@pytest.mark.slow
+def test_only_the_study_s_own_units_are_registered_or_reported(kaggle_csv, tmp_path):
+    """Runs tagged as the study's best (a better val, a model) that its storage does not name
+    (in another experiment, or under its parent but never a trial's run), and a real unit whose
+    model tag points at another run's model, are neither registered nor in the report."""
+    study = mini_study(tmp_path)
+    out = ablate_study(kaggle_csv, study, study_name="own", log_models="all")
+    client = mlflow.MlflowClient()
+    units = child_runs(out.study)
+    real = {r.info.run_id for r in units}
+    exp = units[0].info.experiment_id
+    planted = []
+    for where in (client.create_experiment("someone-else"), exp):
+        mlflow.set_experiment(experiment_id=where)
+        with mlflow.start_run(tags={"study": out.study, "cell": "basic", "seed": "0",
+                                    "mlflow.parentRunId": out.parent_run_id}) as r:
+            mlflow.log_metrics({"val_acc": 0.99, "test_acc": 0.99})
+            info = mlflow.pyfunc.log_model(name="m", python_model=_Echo())
+            mlflow.set_tag("model_uri", info.model_uri)
+        planted.append((r.info.run_id, info.model_uri))
+    # A real unit made to look best, its model tag pointed at a planted run's model.
+    hijacked = units[0].info.run_id
+    client.log_metric(hijacked, "val_acc", 0.98)
+    client.set_tag(hijacked, "model_uri", planted[0][1])
+
+    again = ablate_study(kaggle_csv, study, study_name="own", log_models="all",
+                         register="fer-best", alias="champion")
+    reg = again.registered
+    assert reg["run_id"] in real and reg["run_id"] != hijacked
+    version = client.get_model_version_by_alias("fer-best", "champion")
+    assert version.run_id == reg["run_id"]
+    st = optuna.load_study(study_name=out.study, storage="sqlite:///q.db")
+    reported = collect(st).by_cell
+    assert len(reported) == 4 and all(m["val_acc"] < 0.99 for m in reported.values())
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
 
 
 def test_the_registered_model_is_chosen_by_the_val_accuracy_it_is_served_with():

@@ -31,7 +31,8 @@ from .command import (STORAGE_ENV, Deadline, StudyOptions, add_study_args, again
 from .file import PROFILES, check_budget, read_study_file
 from .parent import (Opened, attach_entry_run, check_parent_here, create_parent,
                      find_run, finish_parent, log_interval, open_or_join, open_study,
-                     register, run_id_of, take_over_parent, unit_runs)
+                     own_runs, register, run_id_of, study_experiments, study_runs,
+                     take_over_parent, unit_runs)
 from .progress import Eta, duration, study_bar
 from .queue import (OUT_OF_MEMORY, UNIT_FAILURES, BugCount, Heartbeat, Result,
                     claim, fail_stale, hand_back, open_storage, settled, storage_of, trial_id,
@@ -43,7 +44,7 @@ __all__ = [
     "start", "study_name", "worker_threads", "PROFILES", "check_budget", "read_study_file",
     "Opened", "attach_entry_run", "check_parent_here", "create_parent", "find_run",
     "finish_parent", "log_interval", "open_or_join", "open_study", "unit_runs", "run_id_of",
-    "register", "take_over_parent", "Eta", "duration", "study_bar", "OUT_OF_MEMORY",
+    "own_runs", "register", "study_experiments", "study_runs", "take_over_parent", "Eta", "duration", "study_bar", "OUT_OF_MEMORY",
     "UNIT_FAILURES", "BugCount", "Heartbeat", "Result", "claim", "fail_stale", "hand_back",
     "open_storage", "settled", "storage_of", "trial_id", "unit", "units_own", "wait_for_others",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -178,28 +179,57 @@ def finish_parent(parent: str, entry_run: str | None) -> None:
         client.set_terminated(parent, "FINISHED")
 
 
-def find_run(study_name: str, status: str | None = None, **tags: Any):
+def study_experiments(parent: str) -> list[str]:
+    """Where a study's runs are: its parent's experiment, and the one this worker's units go to
+    (the same, but for a rerun under `mlflow run` given another experiment). A run elsewhere is
+    never the study's, whatever its tags say: anyone who may create an experiment on a shared
+    server can tag a run there with a study's name."""
+    ids = [mlflow.MlflowClient().get_run(parent).info.experiment_id]
+    here = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    return ids + ([here] if here and here not in ids else [])
+
+
+def study_runs(study_name: str, parent: str, filt: str = "", max_results: int = 50_000):
+    """The runs under the study's parent, in the study's experiments, newest first."""
+    where = " and ".join([f"tags.study = '{study_name}'",
+                          f"tags.mlflow.parentRunId = '{parent}'", *([filt] if filt else [])])
+    return mlflow.search_runs(experiment_ids=study_experiments(parent), filter_string=where,
+                              output_format="list", max_results=max_results)
+
+
+def find_run(study_name: str, parent: str, status: str | None = None, **tags: Any):
     """The latest run of the study with these tags (and this status), or None."""
-    filt = " and ".join([f"tags.study = '{study_name}'",
-                         *(f"tags.{k} = '{v}'" for k, v in tags.items())])
-    if status:
-        filt += f" and attributes.status = '{status}'"
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=filt,
-                              output_format="list", max_results=5)
+    filt = " and ".join([*(f"tags.{k} = '{v}'" for k, v in tags.items()),
+                         *([f"attributes.status = '{status}'"] if status else [])])
+    runs = study_runs(study_name, parent, filt, max_results=5)
     return runs[0] if runs else None
 
 
-def unit_runs(study_name: str, **tags: Any):
+def own_runs(study: optuna.Study) -> list:
+    """The study's finished units as its storage records them: each COMPLETE trial's run,
+    found under the study's parent in its experiments, its cell and seed tags agreeing with the
+    trial's. What the report and the registry read: a run the storage does not name is not the
+    study's, whoever tagged it so."""
+    recorded = {t.user_attrs["run_id"]: t.user_attrs for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if "run_id" in t.user_attrs}
+    runs = study_runs(study.study_name, study.user_attrs["parent_run_id"],
+                      "attributes.status = 'FINISHED'")
+    return [r for r in runs if r.info.run_id in recorded and all(
+        r.data.tags.get(k) == str(recorded[r.info.run_id][k]) for k in ("cell", "seed")
+        if k in recorded[r.info.run_id])]
+
+
+def unit_runs(study_name: str, parent: str, **tags: Any):
     """A unit's runs so far: its finished run, if any (a worker that died after MLflow finished
     it, before the queue heard: it is reused, not trained again), and its latest run (a stopped
     one resumes from its checkpoint)."""
-    done = find_run(study_name, "FINISHED", **tags)
-    return done, (None if done is not None else find_run(study_name, **tags))
+    done = find_run(study_name, parent, "FINISHED", **tags)
+    return done, (None if done is not None else find_run(study_name, parent, **tags))
 
 
-def run_id_of(study_name: str, **tags: Any) -> str | None:
+def run_id_of(study_name: str, parent: str, **tags: Any) -> str | None:
     """The id of a unit's latest run, where it began one (for its traceback)."""
-    run = find_run(study_name, **tags)
+    run = find_run(study_name, parent, **tags)
     return run.info.run_id if run is not None else None
 
 
@@ -212,8 +242,10 @@ def log_interval(parent: str, key: str, mean: float, lo: float, hi: float) -> No
             client.log_metric(parent, f"{key}{suffix}", round(100 * v, 2))
 
 
-def register(filter_string: str, name: str, alias: str) -> dict[str, Any]:
-    reg = tracking.register_best(filter_string, name, alias)
+def register(runs: list, name: str, alias: str) -> dict[str, Any]:
+    """Register the best of ``runs``: the study's own units, as :func:`own_runs` and the
+    search's retrain found them, never a search of the server by tags."""
+    reg = tracking.register_best(runs, name, alias)
     if reg is None:
         raise UsageError(f"nothing to register as {name!r}: no finished run logged a model "
                          f"(for a study, pass --log-models all or reference).")

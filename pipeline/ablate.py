@@ -36,7 +36,7 @@ from . import data as fer
 from . import redact, sizing, tracking
 from . import study as lifecycle
 from .cli import Number, parser, run_main
-from .config import RANGES
+from .config import ABLATIONS, RANGES
 from .engine import Runtime, Slot
 from .errors import UsageError
 from .estimate import Meter, Slots, choose_slots, estimate, meter_for, size_to_budget
@@ -47,7 +47,6 @@ from .slots import Pool
 from .study import STORAGE_ENV, StudyOptions, storage_of, trial_id
 from .train import RunResult, train
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///ablate.db"
 
 
@@ -305,7 +304,7 @@ class AblateOptions:
     """One ablation command: the shared study options, the study file and its budget."""
 
     study: StudyOptions
-    study_file: str = str(ROOT / "ablations" / "study.yaml")
+    study_file: str = str(ABLATIONS / "study.yaml")
     profile: str = "quick"
     seeds: int | None = None  # None: the profile's
     budget: dict[str, Any] = field(default_factory=dict)  # --epochs, --data-fraction, --width
@@ -424,7 +423,7 @@ def _start_worker(o: AblateOptions, s: StudyPlan, name: str,
 def main(argv: list[str] | None = None) -> int:
     p = parser("Run the ablation study (resumable; start it on several machines to share it).")
     lifecycle.add_study_args(p, DEFAULT_STORAGE, default_profile="auto")
-    p.add_argument("--study", default=str(ROOT / "ablations" / "study.yaml"))
+    p.add_argument("--study", default=str(ABLATIONS / "study.yaml"))
     p.add_argument("--seeds", type=seed_count, default=None,
                    help="seeds per cell, 1 or more (default, or an empty value: the study's)")
     p.add_argument("--epochs", type=Number(RANGES["epochs"]), default=None,

@@ -415,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the model's TTA views (default: as the model is served)")
     a = p.parse_args(argv)
+    if a.model_uri == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
+        raise UsageError("no --model-uri given, and the shipped model (models/improved) comes "
+                         "with a checkout of this project, not with the installed package: pass "
+                         "--model-uri (models:/NAME@ALIAS, runs:/RUN_ID/improved, or a model "
+                         "folder).")
     t0 = time.perf_counter()
     sink = open(a.out, "w") if a.out else sys.stdout
     kept = _Kept(sink) if os.environ.get("MLFLOW_RUN_ID") or a.experiment else sink

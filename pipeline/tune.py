@@ -26,7 +26,7 @@ from . import data as fer
 from . import plots, stats, tracking
 from . import study as lifecycle
 from .cli import Number, parser, run_main
-from .config import Config, served_val_metric, to_yaml
+from .config import ABLATIONS, Config, served_val_metric, to_yaml
 from .engine import StopRun
 from .errors import UsageError
 from .numbers import POSITIVE, SEED, WHOLE_1
@@ -34,7 +34,6 @@ from .space import Space, fingerprint, load_space
 from .study import StudyOptions, find_run, storage_of, trial_id
 from .train import RunResult, train
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "sqlite:///tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -282,7 +281,7 @@ class TuneOptions:
     """One search command: the shared study options, the search file and its budget."""
 
     study: StudyOptions
-    space_file: str = str(ROOT / "ablations" / "tune.yaml")
+    space_file: str = str(ABLATIONS / "tune.yaml")
     profile: str = "quick"
     n_trials: int = 20
     timeout: float | None = None
@@ -346,7 +345,7 @@ def run_tune(o: TuneOptions, exp: tracking.Experiment | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     p = parser("Tune the LR schedule and dropout with Optuna (resumable; shareable by workers).")
     lifecycle.add_study_args(p, DEFAULT_STORAGE)
-    p.add_argument("--space", default=str(ROOT / "ablations" / "tune.yaml"))
+    p.add_argument("--space", default=str(ABLATIONS / "tune.yaml"))
     p.add_argument("--n-trials", type=Number(WHOLE_1), default=20,
                    help="finished trials the study should hold in total, over all workers")
     p.add_argument("--timeout", type=Number(POSITIVE), default=None,

@@ -212,7 +212,15 @@ def given(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-STAGE_DIR = Path(__file__).resolve().parent.parent / "ablations" / "stages"
+def _ablations() -> Path:
+    """The study, search and stage files: inside the package where a wheel put them
+    (``pipeline/ablations``), else in the checkout beside it."""
+    here = Path(__file__).resolve().parent
+    return here / "ablations" if (here / "ablations").is_dir() else here.parent / "ablations"
+
+
+ABLATIONS = _ablations()
+STAGE_DIR = ABLATIONS / "stages"
 
 
 def config_path(name: str) -> Path:

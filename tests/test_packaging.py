@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ def _wheel(tmp_path: Path) -> Path:
         shutil.copy(ROOT / name, src / name)
     for name in ("pipeline", "ablations"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    # The venv's own setuptools where it is one pyproject accepts (no download); else pip
+    # fetches one into an isolated build environment.
+    isolation = [] if int(version("setuptools").split(".")[0]) < 68 else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation,
                     "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300,
                    capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("*.whl")

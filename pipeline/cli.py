@@ -133,9 +133,10 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except MlflowException as e:
         # A tracking server's authentication refusing a write (403) or the account (401): the
         # first write refused, so nothing of this command's was written there.
-        if refusal(e) is None:
+        reason = refusal(e)
+        if reason is None:
             raise
-        print(f"error: {redact.scrub(refusal(e))}", file=sys.stderr)
+        print(f"error: {redact.scrub(reason)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -165,8 +165,7 @@ def plan_outputs(files: list[tuple[Path, Path]], ann: Path | None, plot_dir: Pat
             if os.path.realpath(q) in inputs:
                 raise UsageError(f"{q} is one of the inputs; drawing on it would replace the "
                                  f"photo itself. Give --annotate (or --plots) another folder.")
-            if not overwrite and (q.is_file() or (q.is_dir() and any(q.iterdir()))
-                                  or (q.exists() and not q.is_dir())):
+            if not overwrite and q.exists() and not (q.is_dir() and not any(q.iterdir())):
                 raise UsageError(f"{q} exists (an earlier run's output?); nothing was written. "
                                  f"Give --annotate (or --plots) another folder, or pass "
                                  f"--overwrite to replace what this run writes there.")

@@ -88,8 +88,9 @@ def check_reachable() -> None:
     except Exception as e:  # MlflowException, OSError, sqlalchemy's and the drivers' errors
         if not isinstance(e, (MlflowException, OSError)) and "sqlalchemy" not in type(e).__module__:
             raise
-        if refusal(e):
-            raise PermissionError(refusal(e)) from None
+        reason = refusal(e)
+        if reason:
+            raise PermissionError(reason) from None
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"MLflow tracking store {redact.url(uri)} is not reachable: "
                               f"{redact.scrub(msg)}") from None

@@ -4,6 +4,7 @@ joiners filing their entry run under the parent, finishing it, and finding a uni
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -179,12 +180,19 @@ def finish_parent(parent: str, entry_run: str | None) -> None:
         client.set_terminated(parent, "FINISHED")
 
 
+@functools.lru_cache(maxsize=64)
+def _experiment_of(tracking_uri: str, parent: str) -> str:
+    """A run's experiment, which never changes: asked of the store once per parent, not at
+    every search of a unit's runs."""
+    return mlflow.MlflowClient(tracking_uri).get_run(parent).info.experiment_id
+
+
 def study_experiments(parent: str) -> list[str]:
     """Where a study's runs are: its parent's experiment, and the one this worker's units go to
     (the same, but for a rerun under `mlflow run` given another experiment). A run elsewhere is
     never the study's, whatever its tags say: anyone who may create an experiment on a shared
     server can tag a run there with a study's name."""
-    ids = [mlflow.MlflowClient().get_run(parent).info.experiment_id]
+    ids = [_experiment_of(mlflow.get_tracking_uri(), parent)]
     here = os.environ.get("MLFLOW_EXPERIMENT_ID")
     return ids + ([here] if here and here not in ids else [])
 
